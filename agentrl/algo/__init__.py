@@ -1,0 +1,1 @@
+"""Pure tensor functions: advantages, losses, corrections and mismatch metrics."""

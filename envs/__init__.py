@@ -1,0 +1,1 @@
+"""Environments shipped with agentrl (one short file each)."""
