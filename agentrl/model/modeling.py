@@ -296,6 +296,7 @@ class MoEForCausalLM(nn.Module):
         if return_aux_loss and hook is not None:
             aux = hook.aux_loss(None if attention_mask is None else attention_mask.reshape(-1))
             hook.keep_probs = False
+            hook.probs = [None] * len(hook.probs)
         return CausalLMOutput(logits=logits, aux_loss=aux)
 
     def num_parameters(self, active: bool = False) -> int:

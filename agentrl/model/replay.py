@@ -95,7 +95,8 @@ class RoutingReplay:
         self._enter(ReplayMode.RECORD)
         try:
             yield self
-            self._recorded = self.selected_rows()
+            if all(t is not None for t in self.selected):
+                self._recorded = self.selected_rows()
         finally:
             self.mode = ReplayMode.OFF
 
@@ -119,6 +120,8 @@ class RoutingReplay:
             raise RuntimeError(f"routing replay is already in mode {self.mode.value!r}; modes do not nest")
         self.mode = mode
         self._recorded = None
+        self.selected = [None] * self.num_layers
+        self.free = [None] * self.num_layers
 
     @property
     def recorded(self) -> torch.Tensor:
