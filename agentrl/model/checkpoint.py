@@ -130,3 +130,18 @@ def load_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
     if missing or unexpected:
         raise ValueError(f"checkpoint {model_dir} does not match its config: missing={missing}, unexpected={unexpected}")
     return model.to(dtype)
+
+
+def init_model(preset_name: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+               **overrides) -> Path:
+    """`agentrl init-model`: a randomly initialised preset, with agentrl's local tokenizer beside it."""
+    from agentrl.model.config import preset
+    from agentrl.model.tokenizer import build_tokenizer
+
+    cfg = preset(preset_name, **overrides)
+    tok = build_tokenizer(cfg.vocab_size)
+    if len(tok) > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens but the model vocab_size is {cfg.vocab_size}")
+    cfg = cfg.replace(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = MoEForCausalLM(cfg).init_weights(seed)
+    return save_pretrained(model, out_dir, tokenizer=tok, dtype=dtype)
