@@ -157,27 +157,20 @@ class MoEConfig:
 _VARIANT_KEYS = ("router_scoring", "router_selection_bias", "routed_scaling_factor", "n_shared_experts")
 
 # Presets. Parameter counts are with the default 512-token vocabulary (see `count_parameters`).
+_TINY = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, intermediate_size=512)
+_SMALL = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+              num_experts=16, num_experts_per_tok=2, moe_intermediate_size=384, intermediate_size=768)
+
+# Presets. Parameter counts are with the default 512-token vocabulary (README table).
+# A dense twin's MLP width equals its MoE's active expert width (top_k x moe_intermediate_size).
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~3.4M params, 4 MoE layers, 8 experts top-2: the CI / quickstart model.
-    "tiny-moe": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                     head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
-                     intermediate_size=512),
-    # Dense twin of tiny-moe: the MLP width equals tiny-moe's active expert width (2 x 256).
-    "tiny-dense": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=32, num_experts=0, num_experts_per_tok=2, moe_intermediate_size=256,
-                       intermediate_size=512),
-    # DeepSeek-V3-style router variant of tiny-moe: sigmoid scores, selection bias, one shared expert.
-    "tiny-moe-sigmoid": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                             head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
-                             intermediate_size=512, router_scoring="sigmoid", router_selection_bias=True,
-                             n_shared_experts=1, routed_scaling_factor=1.0),
-    # ~40M params, 8 layers, 16 experts top-2: the R3 study model.
-    "small-moe": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                      head_dim=32, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=384,
-                      intermediate_size=768),
-    "small-dense": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                        head_dim=32, num_experts=0, num_experts_per_tok=2, moe_intermediate_size=384,
-                        intermediate_size=768),
+    "tiny-moe": _TINY,  # ~3.5M params, 4 MoE layers, 8 experts top-2: the CI / quickstart model
+    "tiny-dense": {**_TINY, "num_experts": 0},
+    # DeepSeek-V3-style router variant: sigmoid scores, selection bias, one shared expert
+    "tiny-moe-sigmoid": {**_TINY, "router_scoring": "sigmoid", "router_selection_bias": True, "n_shared_experts": 1},
+    "small-moe": _SMALL,  # ~39M params, 8 layers, 16 experts top-2: the R3 study model
+    "small-dense": {**_SMALL, "num_experts": 0},
 }
 
 
