@@ -1,0 +1,249 @@
+"""The embedded engine against a full-sequence fp32 recompute with the same model."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from agentrl.engine.engine import Engine, EngineConfig
+from agentrl.engine.radix import RadixCache
+from agentrl.engine.types import GenerateRequest, RequestError, SamplingParams
+from agentrl.model import load_pretrained
+from agentrl.model.checkpoint import init_model
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    # a wider init than the default makes next-token and router decisions far from ties
+    return init_model("tiny-moe", tmp_path_factory.mktemp("engine") / "tiny", seed=0, initializer_range=0.08)
+
+
+@pytest.fixture(scope="module")
+def ref(ckpt):
+    return load_pretrained(ckpt).eval()
+
+
+def engine(ckpt, **kw) -> Engine:
+    return Engine.from_pretrained(ckpt, dtype=kw.pop("dtype", "float32"), **kw).start()
+
+
+def reference(model, seq: list[int]):
+    """fp32 full-sequence forward: rows [N-1, L, k] and next-token logprobs [N-1]."""
+    with torch.no_grad(), model.routing_replay.record():
+        logits = model(torch.tensor([seq])).logits[0]
+    rows = model.routing_replay.recorded[:-1].numpy()
+    lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
+    return rows, lp.numpy(), logits
+
+
+def check_against_reference(model, prompt, out):
+    seq = list(prompt) + out.output_ids
+    rows, lp, logits = reference(model, seq)
+    n = len(prompt)
+    np.testing.assert_allclose(out.output_logprobs, lp[n - 1:], atol=2e-5)
+    start = out.routed_experts_start_len
+    assert out.routed_experts.shape == (len(seq) - 1 - start, 4, 2)
+    assert (out.routed_experts.astype(np.int64) == rows[start:]).all()
+    return logits
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return torch.randint(9, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_rows_and_logprobs_equal_full_sequence_fp32_recompute(ckpt, ref):
+    with engine(ckpt) as eng:
+        p = prompt(0, 30)
+        out = eng.generate_sync(GenerateRequest(p, GREEDY, return_logprob=True, return_routed_experts=True))
+    logits = check_against_reference(ref, p, out)
+    # greedy: each output token is the argmax of the reference logits at its position
+    assert out.output_ids == [int(logits[len(p) - 1 + i].argmax()) for i in range(len(out.output_ids))]
+    assert out.finish_reason == {"type": "length"} and out.completion_tokens == 12
+    assert (out.routed_versions == 0).all() and out.output_versions == [0] * 12
+
+
+def test_prefix_hit_reuses_kv_and_rows_without_recomputation(ckpt, ref):
+    with engine(ckpt) as eng:
+        p = prompt(1, 40)
+        first = eng.generate_sync(GenerateRequest(p, GREEDY, return_logprob=True, return_routed_experts=True))
+        before = dict(eng.counters)
+        turn2 = p + first.output_ids + prompt(2, 7)  # next turn: history + new environment tokens
+        second = eng.generate_sync(GenerateRequest(turn2, GREEDY, return_logprob=True, return_routed_experts=True))
+        prefilled = eng.counters["prefilled_tokens"] - before["prefilled_tokens"]
+    hist = len(p) + len(first.output_ids) - 1  # tokens of turn 1 that were fed (and cached)
+    assert second.cached_tokens == hist
+    assert prefilled == len(turn2) - hist  # only the new tokens were computed
+    assert (second.routed_experts[:hist] == first.routed_experts).all()  # identical rows for the prefix
+    check_against_reference(ref, turn2, second)
+    # same prompt again: everything but the last prompt token is cached, same logits -> same logprobs
+    with engine(ckpt) as eng:
+        a = eng.generate_sync(GenerateRequest(p, GREEDY, return_logprob=True))
+        b = eng.generate_sync(GenerateRequest(p, GREEDY, return_logprob=True))
+    assert b.cached_tokens == len(p) - 1 and b.output_ids == a.output_ids
+    np.testing.assert_allclose(b.output_logprobs, a.output_logprobs, atol=1e-6)
+
+
+def test_routed_experts_start_len_returns_the_tail(ckpt, ref):
+    with engine(ckpt) as eng:
+        p = prompt(3, 25)
+        full = eng.generate_sync(GenerateRequest(p, GREEDY, return_routed_experts=True))
+        tail = eng.generate_sync(GenerateRequest(p, GREEDY, return_routed_experts=True, routed_experts_start_len=20))
+    assert tail.routed_experts.shape[0] == len(p) + 12 - 1 - 20
+    assert (tail.routed_experts == full.routed_experts[20:]).all()
+
+
+def test_chunked_prefill_matches(ckpt, ref):
+    with engine(ckpt, chunk_size=7) as eng:
+        p = prompt(4, 45)
+        out = eng.generate_sync(GenerateRequest(p, GREEDY, return_logprob=True, return_routed_experts=True))
+        assert eng.counters["steps"] >= 45 // 7 + 12
+    check_against_reference(ref, p, out)
+
+
+def test_64_concurrent_requests(ckpt, ref):
+    async def run(eng):
+        reqs = [GenerateRequest(prompt(100 + i, 5 + i % 23), SamplingParams(temperature=1.0, max_new_tokens=4 + i % 9, ignore_eos=True,
+                                seed=i), return_logprob=True, return_routed_experts=True) for i in range(64)]
+        return reqs, await asyncio.gather(*(eng.generate(r) for r in reqs))
+
+    with engine(ckpt) as eng:
+        reqs, outs = asyncio.run(run(eng))
+        assert eng.stats()["running"] == 0
+    for r, o in zip(reqs, outs):
+        assert o.rid == r.rid and o.completion_tokens == r.sampling.max_new_tokens
+        check_against_reference(ref, r.input_ids, o)
+
+
+def test_eviction_under_a_small_pool_keeps_results_correct(ckpt, ref):
+    with engine(ckpt, max_total_tokens=160) as eng:
+        outs = []
+        for i in range(12):  # 12 x ~48 tokens through a 160-slot pool: the cache must evict
+            p = prompt(200 + i, 36)
+            outs.append((p, eng.generate_sync(GenerateRequest(p, GREEDY, return_logprob=True, return_routed_experts=True))))
+        assert eng.counters["evicted_tokens"] > 0
+        # all memory accounted for: free + cached == pool, nothing referenced twice
+        assert eng.pool.free + eng.tree.num_tokens == 160
+        assert set(np.unique(eng.pool.refs)) <= {0, 1}
+    for p, o in outs:
+        check_against_reference(ref, p, o)
+
+
+def test_weight_update_flushes_cache_and_bumps_versions(ckpt, ref, tmp_path):
+    other = init_model("tiny-moe", tmp_path / "other", seed=1, initializer_range=0.08)
+    with engine(ckpt) as eng:
+        p = prompt(5, 30)
+        before = eng.generate_sync(GenerateRequest(p, GREEDY, return_routed_experts=True))
+        v = eng.update_weights_from_disk(other)
+        assert v == eng.version == 1 and eng.tree.num_tokens == 0
+        after = eng.generate_sync(GenerateRequest(p, GREEDY, return_logprob=True, return_routed_experts=True))
+        assert after.cached_tokens == 0 and after.weight_version == 1
+        assert (after.routed_versions == 1).all() and set(after.output_versions) == {1}
+        check_against_reference(load_pretrained(other).eval(), p, after)
+        assert before.output_ids != after.output_ids
+        # back to the first weights from an in-process state dict
+        assert eng.update_weights_from_state_dict(ref.state_dict()) == 2
+        again = eng.generate_sync(GenerateRequest(p, GREEDY, return_routed_experts=True))
+        assert again.output_ids == before.output_ids and (again.routed_experts == before.routed_experts).all()
+
+
+@pytest.mark.parametrize("policy", ["continue", "abort"])
+def test_requests_in_flight_during_a_weight_update(ckpt, ref, policy):
+    with engine(ckpt) as eng:
+        p = prompt(6, 20)
+        long = SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True)
+        fut = eng.submit(GenerateRequest(p, long, return_logprob=True, return_routed_experts=True))
+        while eng.counters["decoded_tokens"] < 5:
+            pass
+        eng.update_weights_from_state_dict({k: v * 1.01 for k, v in ref.state_dict().items()}, in_flight=policy)
+        out = fut.result()
+        if policy == "abort":
+            assert out.finish_reason["type"] == "abort" and out.completion_tokens < 200
+        else:
+            assert out.finish_reason == {"type": "length"}
+            # per-token versions: old weights first, new weights after; rows likewise
+            assert out.output_versions[0] == 0 and out.output_versions[-1] == 1
+            assert out.output_versions == sorted(out.output_versions)
+            assert set(out.routed_versions.tolist()) == {0, 1}
+            assert eng.tree.num_tokens == 0  # a sequence with stale KV is not cached
+        assert eng.pool.free == eng.cfg.max_total_tokens - eng.tree.num_tokens
+
+
+def test_abort_releases_memory(ckpt):
+    with engine(ckpt) as eng:
+        fut = eng.submit(GenerateRequest(prompt(7, 10), SamplingParams(max_new_tokens=500, ignore_eos=True), rid="x"))
+        while eng.counters["decoded_tokens"] < 3:
+            pass
+        assert eng.abort("x") and not eng.abort("nope")
+        out = fut.result()
+        assert out.finish_reason["type"] == "abort" and 0 < out.completion_tokens < 500
+        assert eng.pool.free == eng.cfg.max_total_tokens
+
+
+def test_sampling_controls(ckpt):
+    with engine(ckpt) as eng:
+        p = prompt(8, 15)
+        g = eng.generate_sync(GenerateRequest(p, GREEDY))
+        s = lambda **kw: eng.generate_sync(GenerateRequest(p, SamplingParams(max_new_tokens=12, **kw))).output_ids
+        assert s(top_k=1) == g.output_ids
+        assert s(top_p=1e-6) == g.output_ids
+        assert s(seed=3) == s(seed=3)
+        assert s(seed=3) != s(seed=4)
+        stop_tok = g.output_ids[3]
+        out = eng.generate_sync(GenerateRequest(p, SamplingParams(temperature=0, max_new_tokens=12,
+                                                                  stop_token_ids=[stop_tok])))
+        assert out.output_ids == g.output_ids[: g.output_ids.index(stop_tok) + 1]
+        assert out.finish_reason == {"type": "stop", "matched": stop_tok}
+        zero = eng.generate_sync(GenerateRequest(p, SamplingParams(max_new_tokens=0), return_routed_experts=True))
+        assert zero.output_ids == [] and zero.routed_experts.shape[0] == len(p) - 1
+
+
+def test_stop_strings_cut_text(ckpt):
+    with engine(ckpt) as eng:
+        p = prompt(9, 12)
+        g = eng.generate_sync(GenerateRequest(p, SamplingParams(temperature=0, max_new_tokens=20)))
+        assert g.text, "needs some text to stop on"
+        stop = g.text[len(g.text) // 2: len(g.text) // 2 + 2]
+        out = eng.generate_sync(GenerateRequest(p, SamplingParams(temperature=0, max_new_tokens=20, stop=[stop])))
+        assert out.finish_reason == {"type": "stop", "matched": stop}
+        assert stop not in out.text and g.text.startswith(out.text)
+
+
+def test_bad_requests_are_clear_errors(ckpt):
+    with engine(ckpt, max_total_tokens=64) as eng:
+        with pytest.raises(RequestError, match="KV pool"):
+            eng.submit(GenerateRequest(prompt(0, 60), SamplingParams(max_new_tokens=10)))
+        with pytest.raises(RequestError, match="input_ids"):
+            eng.submit(GenerateRequest([1, 10**6]))
+        with pytest.raises(RequestError, match="unknown sampling param"):
+            SamplingParams.from_dict({"temprature": 1})
+        with pytest.raises(RequestError, match="empty"):
+            GenerateRequest([])
+
+
+def test_bf16_engine_and_dense_model(ckpt, tmp_path):
+    with engine(ckpt, dtype="bfloat16") as eng:
+        out = eng.generate_sync(GenerateRequest(prompt(10, 20), GREEDY, return_routed_experts=True))
+        assert out.routed_experts.dtype == np.uint8 and out.routed_experts.shape == (31, 4, 2)
+    dense = init_model("tiny-dense", tmp_path / "dense")
+    with engine(dense) as eng:
+        out = eng.generate_sync(GenerateRequest(prompt(10, 20), GREEDY, return_routed_experts=True))
+        assert out.routed_experts is None and out.completion_tokens == 12
+
+
+def test_radix_cache_match_insert_split_lock_evict():
+    t = RadixCache()
+    assert t.insert([1, 2, 3, 4], [10, 11, 12, 13]) == [10, 11, 12, 13]
+    slots, node = t.match([1, 2, 9])  # partial edge match splits the edge
+    assert slots == [10, 11] and node.key == (1, 2)
+    assert t.insert([1, 2, 3, 5, 6], [20, 21, 22, 23, 24]) == [23, 24]  # only the new suffix is adopted
+    assert t.match([1, 2, 3, 5, 6, 7])[0] == [10, 11, 12, 23, 24]
+    _, locked = t.match([1, 2, 3, 4])
+    t.lock(locked)
+    t.match([1, 2, 3, 5])  # touch the other branch last: it is still the one evicted (the first is locked)
+    assert sorted(t.evict(100)) == [23, 24]
+    t.unlock(locked)
+    assert sorted(t.evict(1)) == [13]  # LRU leaf first; one token asked, the whole leaf goes
+    assert sorted(t.flush()) == [10, 11, 12] and t.num_tokens == 0
