@@ -1,0 +1,149 @@
+"""Embedded engine throughput, measured side by side in one run on the same machine.
+
+1. Routing-row capture on vs off: the same concurrent generation workload, the two settings
+   alternating round by round (goal: capture costs <= 2%).
+2. Multi-turn agent workload vs transformers `generate` on the same model (fp32 both) and batch:
+   B episodes x T turns; each turn appends E environment tokens to the history and generates G
+   tokens. transformers re-prefills the whole history every turn (its cache does not outlive a
+   `generate` call); the engine serves the history from its radix cache (goal >= 3x).
+3. The same multi-turn workload against the real SGLang server on CPU, when its venv exists
+   (../shared/sglang-cpu), through agentrl's client. SGLang is started only for that part.
+
+    python benchmarks/engine.py [--episodes 32] [--turns 4] [--env-tokens 16] [--gen 32] [--no-sglang]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from agentrl.engine.engine import Engine
+from agentrl.engine.types import GenerateRequest, SamplingParams
+from agentrl.model.checkpoint import init_model
+
+
+def episodes(n: int, turns: int, env_tokens: int, vocab: int, seed: int = 0) -> list[list[list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randint(9, vocab, (env_tokens if t else 2 * env_tokens,), generator=g).tolist()
+             for t in range(turns)] for _ in range(n)]
+
+
+async def run_multiturn(generate, eps, gen_tokens: int, routed: bool) -> int:
+    """All episodes concurrently; turn t+1 of an episode starts when its turn t returns."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=gen_tokens, ignore_eos=True, seed=0)
+
+    async def one(ep):
+        hist, new = [], 0
+        for env in ep:
+            hist = hist + env
+            out = await generate(GenerateRequest(hist, params, return_logprob=True, return_routed_experts=routed))
+            hist = hist + out.output_ids
+            new += len(out.output_ids)
+        return new
+
+    return sum(await asyncio.gather(*(one(ep) for ep in eps)))
+
+
+def bench_capture(ckpt, eps, gen_tokens: int, rounds: int) -> dict[str, float]:
+    """Tokens/s with capture on vs off, alternating, fresh engines (no cache carried over)."""
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    for r in range(rounds):
+        for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+            with Engine.from_pretrained(ckpt, dtype="bfloat16", capture_routing=mode == "on") as eng:
+                t0 = time.perf_counter()
+                n = asyncio.run(run_multiturn(eng.generate, eps, gen_tokens, routed=mode == "on"))
+                times[mode].append(n / (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_hf(ckpt, eps, gen_tokens: int) -> float:
+    """transformers generate, batch = all episodes, re-prefilling the history each turn."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
+                                                             experts_implementation="grouped_mm").eval()
+    hist = [[] for _ in eps]
+    new = 0
+    t0 = time.perf_counter()
+    for t in range(len(eps[0])):
+        hist = [h + ep[t] for h, ep in zip(hist, eps)]
+        s = max(map(len, hist))
+        ids = torch.zeros(len(hist), s, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, h in enumerate(hist):
+            ids[i, s - len(h):], mask[i, s - len(h):] = torch.tensor(h), 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=gen_tokens,
+                                 min_new_tokens=gen_tokens, do_sample=True, pad_token_id=0)
+        gen = out[:, s:]
+        hist = [h + g.tolist() for h, g in zip(hist, gen)]
+        new += gen.numel()
+    return new / (time.perf_counter() - t0)
+
+
+def bench_ours_fp32(ckpt, eps, gen_tokens: int) -> float:
+    with Engine.from_pretrained(ckpt, dtype="float32") as eng:
+        t0 = time.perf_counter()
+        n = asyncio.run(run_multiturn(eng.generate, eps, gen_tokens, routed=True))
+        return n / (time.perf_counter() - t0)
+
+
+def bench_sglang(ckpt, eps, gen_tokens: int) -> float | None:
+    try:
+        from agentrl.engine.client import EngineClient
+        from agentrl.engine.sglang import SGLangServer
+    except ImportError:
+        return None
+    server = SGLangServer.cpu_test_server(str(ckpt), port=31877)
+    if server is None:
+        return None
+    with server:
+        async def go():
+            async with EngineClient(server.base_url) as client:
+                t0 = time.perf_counter()
+                n = await run_multiturn(client.generate, eps, gen_tokens, routed=True)
+                return n / (time.perf_counter() - t0)
+
+        return asyncio.run(go())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny-moe")
+    ap.add_argument("--episodes", type=int, default=32)
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--env-tokens", type=int, default=16)
+    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds for capture on/off")
+    ap.add_argument("--no-sglang", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = init_model(args.preset, Path(d) / "m", seed=0)
+        eps = episodes(args.episodes, args.turns, args.env_tokens, 500)
+        cap = bench_capture(ckpt, eps, args.gen, args.rounds)
+        hf = bench_hf(ckpt, eps, args.gen)
+        ours = bench_ours_fp32(ckpt, eps, args.gen)
+        sgl = None if args.no_sglang else bench_sglang(ckpt, eps, args.gen)
+    print(f"workload: {args.episodes} episodes x {args.turns} turns, +{args.env_tokens} env tokens and "
+          f"{args.gen} generated tokens per turn, preset {args.preset}, {torch.get_num_threads()} threads")
+    print(f"{'run':<44}{'new tokens/s':>14}{'ratio':>10}")
+    print(f"{'engine bf16, capture off':<44}{cap['off']:>14.0f}{1.0:>10.3f}")
+    print(f"{'engine bf16, capture on':<44}{cap['on']:>14.0f}{cap['on'] / cap['off']:>10.3f}")
+    print(f"  capture overhead: {100 * (1 - cap['on'] / cap['off']):+.1f}% (goal <= 2%)")
+    print(f"{'transformers generate fp32 (baseline)':<44}{hf:>14.0f}{1.0:>10.3f}")
+    print(f"{'engine fp32, rows on':<44}{ours:>14.0f}{ours / hf:>10.2f}")
+    if sgl is not None:
+        print(f"{'real SGLang server (CPU), rows on':<44}{sgl:>14.0f}{sgl / hf:>10.2f}")
+        print(f"  engine vs SGLang: {ours / sgl:.2f}x")
+    else:
+        print("real SGLang: skipped (no ../shared/sglang-cpu venv, or --no-sglang)")
+
+
+if __name__ == "__main__":
+    main()
