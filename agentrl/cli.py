@@ -2,6 +2,7 @@
 
     agentrl init-model --preset tiny-moe --out DIR     a random checkpoint in HF layout (+ tokenizer)
     agentrl demo [--out runs/demo]                       foundation demo: rows, wire format, R3 replay
+    agentrl serve --model DIR --port P                   the embedded engine behind SGLang's HTTP API
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from agentrl.engine.engine import Engine
+    from agentrl.engine.server import serve
+
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, max_total_tokens=args.max_total_tokens,
+                                    chunk_size=args.chunk_size, max_running=args.max_running,
+                                    capture_routing=not args.no_routing)
+    print(f"agentrl serve: {args.model} on http://{args.host}:{args.port} (dtype {args.dtype}, "
+          f"{args.max_total_tokens} KV slots, routing rows {'off' if args.no_routing else 'on'})", flush=True)
+    serve(engine, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentrl", description="Asynchronous RL for LLM agents, MoE-first (R3).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -63,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--new-tokens", type=int, default=16, help="tokens sampled per sequence")
     d.add_argument("--warmup-steps", type=int, default=80, help="next-token training steps before sampling")
     d.set_defaults(func=_demo)
+
+    v = sub.add_parser("serve", help="serve a checkpoint with the embedded engine (SGLang wire API)",
+                       description="POST /generate (return_routed_experts, routed_experts_start_len, logprobs), "
+                                   "GET /health, /get_model_info, /get_server_info, POST /flush_cache, "
+                                   "/update_weights_from_disk, /abort_request.")
+    v.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=30000)
+    v.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
+    v.add_argument("--max-total-tokens", type=int, default=65536, help="KV pool size in tokens")
+    v.add_argument("--chunk-size", type=int, default=512, help="prefill tokens per step")
+    v.add_argument("--max-running", type=int, default=256, help="requests decoding at once")
+    v.add_argument("--no-routing", action="store_true", help="do not capture routing rows")
+    v.set_defaults(func=_serve)
     return p
 
 

@@ -20,7 +20,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "TQDM_DISABLE": "1"})
 
 
-@pytest.mark.parametrize("args", [["--help"], ["init-model", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["init-model", "--help"], ["demo", "--help"], ["serve", "--help"]])
 def test_help_everywhere(args):
     r = run(*args)
     assert r.returncode == 0, r.stderr
@@ -58,3 +58,38 @@ def test_demo_shows_replay_removing_routing_mismatch(tmp_path):
     assert res["moe_r3"]["routing_disagree_any"] == 0
     assert res["moe_r3"]["mismatch_kl"] < res["moe"]["mismatch_kl"]
     assert json.loads((tmp_path / "demo.json").read_text()) == res
+
+
+def test_serve_answers_sglang_requests_over_a_socket(tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    from agentrl.model.checkpoint import init_model
+    from agentrl.routing import decode_wire
+
+    ckpt = init_model("tiny-moe", tmp_path / "m")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(AGENTRL + ["serve", "--model", str(ckpt), "--port", str(port), "--dtype", "float32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        body = json.dumps({"input_ids": [5, 17, 42, 9], "sampling_params": {"max_new_tokens": 6, "temperature": 0},
+                           "return_routed_experts": True, "return_logprob": True}).encode()
+        req = urllib.request.Request(url + "/generate", data=body, headers={"Content-Type": "application/json"})
+        out = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        meta = out["meta_info"]
+        rows = decode_wire(meta["routed_experts"], 4, 2)
+        assert rows.shape == (4 + meta["completion_tokens"] - 1, 4, 2)
+        assert len(meta["output_token_logprobs"]) == meta["completion_tokens"] == len(out["output_ids"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
