@@ -1,0 +1,300 @@
+"""The torch learner: one RL update from a batch of trajectories, with routing replay.
+
+Owns: `LearnerConfig` and `TorchLearner.train_step`: ingestion (validate, drop failed episodes),
+advantages, the old-policy forward (logp_old, mismatch metrics, R2 recording), off-policy
+corrections, mini-batch updates with micro-batch gradient accumulation, AdamW + clipping + LR
+schedule, optional EMA, and publishing weights (state dict + version) for engines.
+Does not own: loss formulas (agentrl.algo), batching layouts (batch.py), rollout or scheduling.
+
+The update, in order (each line is plain code in `train_step`):
+  1. trajectories -> advantages per sequence (GRPO / Dr.GRPO / RLOO / REINFORCE++ baseline);
+  2. no-grad forward at the current weights = π_old, with routing per `replay`:
+       off : free routing;  R3 : the engine's rows;  R2 : free, recorded, then replayed in updates;
+     mismatch metrics compare π_old with the engine's logprobs π_infer on generated tokens, and the
+     engine's rows with the learner's own free top-k (captured even while replaying);
+  3. corrections from ρ = π_old / π_infer (TIS, MIS, IcePop, Metropolis...) -> token weights / mask;
+  4. `mini_batches` optimizer steps over disjoint shuffled parts of the batch (the R3 paper's
+     multi mini-step setting), each accumulating gradients over micro-batches of at most
+     `micro_batch_tokens` tokens; the policy loss is PPO-clip or GSPO, plus optional KL to a
+     reference, entropy bonus and MoE load-balancing loss (on the replayed assignment).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from agentrl.algo import advantages as A
+from agentrl.algo import losses as L
+from agentrl.algo.corrections import apply_correction
+from agentrl.algo.metrics import mismatch_metrics, routing_metrics
+from agentrl.learner.batch import ModelBatch, build_batch, per_sequence, rows_report, sequence_tensor, target_logprobs
+from agentrl.model.replay import attach_replay
+from agentrl.routing import RoutingLayout, RoutingRows
+from agentrl.trajectory import Trajectory, TrajectoryError
+
+
+@dataclass
+class LearnerConfig:
+    """Learner hyper-parameters; defaults live here only."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0  # optimizer steps of linear warm-up
+    total_steps: int = 1000  # optimizer steps, for cosine / linear decay
+    mini_batches: int = 1  # optimizer steps per rollout batch
+    micro_batch_tokens: int = 8192  # tokens per forward (gradient accumulation above that)
+    layout: Literal["packed", "padded"] = "packed"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 = autocast, fp32 master weights
+    replay: Literal["off", "R2", "R3"] = "R3"
+    advantage: Literal["grpo", "grpo_nostd", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
+    loss: Literal["ppo", "gspo"] = "ppo"
+    clip_low: float = 0.2
+    clip_high: float = 0.28  # clip-higher (DAPO)
+    dual_clip: float | None = None
+    gspo_clip_low: float = 3e-4
+    gspo_clip_high: float = 4e-4
+    agg: str = "token-mean"
+    agg_constant: float | None = None  # for token-sum-norm (Dr. GRPO)
+    correction: str = "none"  # none | tis | token_mis | seq_is | seq_mis | geo_mask | icepop | metropolis_*
+    correction_kwargs: dict = field(default_factory=dict)
+    kl_coef: float = 0.0  # needs a reference model
+    entropy_coef: float = 0.0
+    aux_loss_coef: float = 0.0
+    ema_decay: float | None = None  # Polyak averaging of the policy weights
+    publish: Literal["policy", "ema"] = "policy"  # which weights go to the engines
+    seed: int = 0
+
+
+def _lr_lambda(cfg: LearnerConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * frac))
+        if cfg.lr_schedule == "linear":
+            return 1.0 - frac
+        return 1.0
+    return f
+
+
+def _micro_batches(lens: list[int], idx: list[int], budget: int) -> list[list[int]]:
+    out, cur, used = [], [], 0
+    for i in idx:
+        if cur and used + lens[i] > budget:
+            out.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += lens[i]
+    return out + ([cur] if cur else [])
+
+
+class TorchLearner:
+    def __init__(self, model: torch.nn.Module, cfg: LearnerConfig | None = None, ref_model: torch.nn.Module | None = None):
+        self.cfg = cfg or LearnerConfig()
+        self.model = model.float().train()
+        self.ref_model = ref_model.float().eval() if ref_model is not None else None
+        if self.cfg.kl_coef > 0 and ref_model is None:
+            raise ValueError("kl_coef > 0 needs a reference model")
+        self.hook = attach_replay(model) if getattr(model.config, "num_experts", 0) else None
+        self.layout = RoutingLayout.from_config(model.config) if self.hook is not None else None
+        self.opt = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, betas=self.cfg.betas,
+                                     weight_decay=self.cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.cfg))
+        self.ema = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+                    if self.cfg.ema_decay is not None else None)
+        self.version = 0
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+
+    # ------------------------------------------------------------------ forward
+    def _forward(self, batch: ModelBatch, rows_mode: str, model=None, aux: bool = False):
+        model = model or self.model
+        kw = dict(attention_mask=batch.attention_mask, segment_ids=batch.segment_ids)
+        replaying = rows_mode == "replay" and batch.routing is not None and model is self.model
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.dtype == "bfloat16" else torch.autocast(
+            "cpu", enabled=False)
+        with ctx:
+            if replaying:
+                with self.hook.replay(batch.routing, batch.routing_mask):
+                    out = model(batch.input_ids, **kw, **({"return_aux_loss": True} if aux else {}))
+            elif rows_mode == "record" and model is self.model and self.hook is not None:
+                with self.hook.record():
+                    out = model(batch.input_ids, **kw, **({"return_aux_loss": True} if aux else {}))
+            else:
+                out = model(batch.input_ids, **kw, **({"return_aux_loss": True} if aux else {}))
+        logp, ent = target_logprobs(out.logits, batch)
+        return logp, ent, getattr(out, "aux_loss", None)
+
+    def _rows_per_sequence(self, flat_rows: torch.Tensor, batch: ModelBatch) -> list[np.ndarray]:
+        r = flat_rows.reshape(*batch.input_ids.shape, *flat_rows.shape[1:])
+        seqs = per_sequence(r, batch)
+        return [seqs[i, : n - 1].numpy().astype(self.layout.dtype) for i, n in enumerate(batch.seq_lens)]
+
+    # ------------------------------------------------------------------ the update
+    def train_step(self, trajs: list[Trajectory]) -> dict[str, float]:
+        cfg, t0 = self.cfg, time.perf_counter()
+        m: dict[str, float] = {"rejected": 0.0, "dropped_status": 0.0}
+        ok: list[Trajectory] = []
+        for t in trajs:
+            if t.status not in ("ok", "truncated"):
+                m["dropped_status"] += 1
+                continue
+            try:
+                t.validate(self.layout if t.routing is not None else None)
+            except TrajectoryError as e:
+                m["rejected"] += 1
+                m[f"rejected_{e.reason}"] = m.get(f"rejected_{e.reason}", 0.0) + 1
+                continue
+            ok.append(t)
+        if not ok:
+            return {**m, "step": float(self.version), "trained_sequences": 0.0}
+        if cfg.replay == "R3" and self.layout is not None and any(t.routing is None for t in ok):
+            raise ValueError("replay=R3 needs routing rows on every trajectory (engine must return them)")
+        n = len(ok)
+        lens = [len(t) for t in ok]
+        rewards = torch.tensor([t.reward for t in ok], dtype=torch.float64)
+        _, group_ids = np.unique([t.group_id for t in ok], return_inverse=True)
+        group_ids = torch.from_numpy(group_ids)
+        mask = sequence_tensor(ok, "loss_mask", torch.bool)
+        logp_infer = sequence_tensor(ok, "logprobs", torch.float32)
+        adv_seq = self._advantages(rewards, group_ids, mask).float()
+
+        # ---- 2. old-policy pass (no grad), in micro-batches
+        logp_old = torch.zeros(n, max(lens))
+        logp_ref = torch.zeros_like(logp_old) if self.ref_model is not None else None
+        engine_rows, free_rows, recorded = [None] * n, [None] * n, [None] * n
+        old_mode = {"off": "free", "R2": "record", "R3": "replay"}[cfg.replay]
+        with torch.no_grad():
+            for mb in _micro_batches(lens, list(range(n)), cfg.micro_batch_tokens):
+                batch = build_batch([ok[i] for i in mb], self.layout, cfg.layout, cfg.micro_batch_tokens,
+                                    with_routing=cfg.replay == "R3")
+                lp, _, _ = self._forward(batch, old_mode)
+                for j, i in enumerate(mb):
+                    logp_old[i, : lens[i]] = lp[j, : lens[i]]
+                if self.hook is not None:
+                    free = self._rows_per_sequence(self.hook.free_rows(), batch)
+                    used = self._rows_per_sequence(self.hook.selected_rows(), batch)
+                    for j, i in enumerate(mb):
+                        free_rows[i], recorded[i] = free[j], used[j]
+                        engine_rows[i] = ok[i].routing.experts if ok[i].routing is not None else None
+                if self.ref_model is not None:
+                    lp_ref, _, _ = self._forward(batch, "free", model=self.ref_model)
+                    for j, i in enumerate(mb):
+                        logp_ref[i, : lens[i]] = lp_ref[j, : lens[i]]
+        m.update(mismatch_metrics(logp_old, logp_infer, mask))
+        if self.hook is not None and all(r is not None for r in engine_rows):
+            m.update(self._routing_metrics(engine_rows, free_rows))
+            m.update({f"rows_{k.removeprefix('rows_')}": float(v) for k, v in rows_report(ok, self.version).items()})
+        if cfg.replay == "R2":  # replay the learner's own old-policy routing in every update
+            ok = [copy.copy(t) for t in ok]
+            for t, r in zip(ok, recorded):
+                t.routing = RoutingRows(r, np.full(len(r), self.version, dtype=np.int64))
+
+        # ---- 3. training-inference correction
+        corr_kw = dict(cfg.correction_kwargs)
+        if cfg.correction.startswith("metropolis"):
+            corr_kw.setdefault("generator", self.gen)
+        weights, keep, cstats = apply_correction(cfg.correction, logp_old, logp_infer, mask, **corr_kw)
+        m.update({f"corr_{k}": float(v) for k, v in cstats.items()})
+        train_mask = mask & keep.bool()
+
+        # ---- 4. mini-batch updates
+        order = torch.randperm(n, generator=self.gen).tolist()
+        minis = [order[i:: cfg.mini_batches] for i in range(min(cfg.mini_batches, n))]
+        stats: dict[str, list[float]] = {}
+        rows_mode = "replay" if cfg.replay in ("R2", "R3") else "free"
+        for mini in minis:
+            self.opt.zero_grad(set_to_none=True)
+            mini_tokens = max(1, int(train_mask[mini].sum()))
+            for mb in _micro_batches(lens, mini, cfg.micro_batch_tokens):
+                batch = build_batch([ok[i] for i in mb], self.layout, cfg.layout, cfg.micro_batch_tokens,
+                                    with_routing=cfg.replay != "off")
+                lp, ent, aux = self._forward(batch, rows_mode, aux=cfg.aux_loss_coef > 0)
+                w_share = (int(train_mask[mb].sum()) / mini_tokens if cfg.agg == "token-mean" and cfg.loss == "ppo"
+                           else 1.0 if cfg.agg == "token-sum-norm" and cfg.loss == "ppo" else len(mb) / len(mini))
+                loss, s = self._loss(lp, ent, aux, logp_old[mb], adv_seq[mb], train_mask[mb], weights[mb],
+                                     None if logp_ref is None else logp_ref[mb])
+                (loss * w_share).backward()
+                for k, v in s.items():
+                    stats.setdefault(k, []).append(float(v))
+            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            stats.setdefault("grad_norm", []).append(float(gn))
+            self.opt.step()
+            self.sched.step()
+            self._ema_update()
+        self.version += 1
+        m.update({k: float(np.mean(v)) for k, v in stats.items()})
+        m.update(step=float(self.version), lr=self.sched.get_last_lr()[0], reward_mean=float(rewards.mean()),
+                 adv_abs_mean=float(adv_seq.abs().mean()), trained_sequences=float(n),
+                 trained_tokens=float(train_mask.sum()), learner_time_s=time.perf_counter() - t0)
+        return m
+
+    def _advantages(self, rewards, group_ids, mask) -> torch.Tensor:
+        a = self.cfg.advantage
+        if a == "grpo":
+            return A.grpo(rewards, group_ids)
+        if a == "grpo_nostd":
+            return A.grpo(rewards, group_ids, normalize_std=False)
+        if a == "dr_grpo":
+            return A.dr_grpo(rewards, group_ids)
+        if a == "rloo":
+            return A.rloo(rewards, group_ids)
+        if a == "reinforce_pp":
+            return A.reinforce_pp_baseline(rewards, group_ids, mask)
+        raise ValueError(f"unknown advantage {a!r}")
+
+    def _loss(self, logp, ent, aux, logp_old, adv_seq, mask, weights, logp_ref):
+        cfg = self.cfg
+        if cfg.loss == "gspo":
+            loss, s = L.gspo(logp, logp_old, adv_seq, mask, cfg.gspo_clip_low, cfg.gspo_clip_high, weights=weights)
+        elif cfg.loss == "ppo":
+            loss, s = L.ppo_clip(logp, logp_old, A.broadcast(adv_seq, mask), mask, cfg.clip_low, cfg.clip_high,
+                                 cfg.dual_clip, weights=weights, agg=cfg.agg, agg_constant=cfg.agg_constant)
+        else:
+            raise ValueError(f"unknown loss {cfg.loss!r}")
+        s = {f"pg_{k}": v for k, v in s.items()}
+        s["pg_loss"] = loss.detach()
+        entropy = L.entropy_bonus(ent, mask, "token-mean")
+        s["entropy"] = entropy.detach()
+        if cfg.entropy_coef:
+            loss = loss - cfg.entropy_coef * entropy
+        if logp_ref is not None and cfg.kl_coef:
+            kl = L.kl_penalty(logp, logp_ref, mask, kind="k3")
+            s["kl_ref"] = kl.detach()
+            loss = loss + cfg.kl_coef * kl
+        if aux is not None and cfg.aux_loss_coef:
+            s["aux_loss"] = aux.detach()
+            loss = loss + cfg.aux_loss_coef * aux
+        s["loss"] = loss.detach()
+        return loss, s
+
+    def _routing_metrics(self, engine_rows, free_rows) -> dict[str, float]:
+        a = torch.from_numpy(np.concatenate(engine_rows).astype(np.int64))
+        b = torch.from_numpy(np.concatenate(free_rows).astype(np.int64))
+        return {k.replace("routing_disagree", "routing_disagree"): v for k, v in routing_metrics(a, b).items()}
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        if self.ema is None:
+            return
+        d = self.cfg.ema_decay
+        for k, v in self.model.state_dict().items():
+            if v.is_floating_point():
+                self.ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.ema[k].copy_(v)
+
+    def weights(self) -> tuple[dict[str, torch.Tensor], int]:
+        """(state dict for engines, the version it is). EMA weights when `publish == "ema"`."""
+        src = self.ema if (self.cfg.publish == "ema" and self.ema is not None) else self.model.state_dict()
+        return {k: v.detach().clone() for k, v in src.items()}, self.version
