@@ -97,7 +97,9 @@ async def run_episode(engine: InferenceEngine, env, tokenizer, sampling: Samplin
         info = {**info, **step_info}
         turn_rewards.append(float(step_info.get("turn_reward", 0.0)))
         if terminated or truncated:
-            reward = float(r)
+            # the step reward is turn shaping + final reward; the episode's reward is the final one
+            final = step_info.get("final_reward")
+            reward = float(final) if final is not None else float(r) - turn_rewards[-1]
             status = "truncated" if truncated and not terminated else "ok"
             break
         env_ids = tokenizer(render_continuation(tokenizer, obs, closed), add_special_tokens=False)["input_ids"]

@@ -28,15 +28,17 @@ class Segment:
     want_logits: bool  # does the last new token's next-token distribution get sampled
 
 
-def _attend_decode(q, k_pool, v_pool, segs, pos):
+def _decode_index(segs: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots of every single-token segment padded to [B, Lmax], and the [B, 1, 1, Lmax] key mask.
+    Built once per step and shared by all layers."""
+    idx = torch.nn.utils.rnn.pad_sequence([s.slots for s in segs], batch_first=True)
+    lens = torch.tensor([len(s.slots) for s in segs])
+    mask = torch.arange(idx.shape[1])[None, :] < lens[:, None]
+    return idx, mask[:, None, None, :]
+
+
+def _attend_decode(q, k_pool, v_pool, idx, mask, pos):
     """All single-token segments in one SDPA: keys gathered into a padded [B, nkv, Lmax, D] batch."""
-    lens = [len(s.slots) for s in segs]
-    lmax = max(lens)
-    idx = torch.zeros(len(segs), lmax, dtype=torch.long)
-    mask = torch.zeros(len(segs), 1, 1, lmax, dtype=torch.bool)
-    for i, s in enumerate(segs):
-        idx[i, : lens[i]] = s.slots
-        mask[i, ..., : lens[i]] = True
     k = k_pool[idx].transpose(1, 2)  # [B, nkv, Lmax, D]
     v = v_pool[idx].transpose(1, 2)
     qb = q[0, :, pos].transpose(0, 1)[:, :, None]  # [B, nh, 1, D]
@@ -70,6 +72,8 @@ def paged_forward(model: MoEForCausalLM, pool: SlotPool, segs: list[Segment]):
     decode = [i for i, s in enumerate(segs) if len(s.ids) == 1]
     prefill = [i for i, s in enumerate(segs) if len(s.ids) > 1]
     decode_pos = torch.tensor([offsets[i][0] for i in decode], dtype=torch.long)
+    if decode:
+        dec_idx, dec_mask = _decode_index([segs[i] for i in decode])
 
     x = model.model.embed_tokens(ids)[None]  # [1, T, H]
     cos, sin = rope_cos_sin(pos[None], cfg.head_dim, cfg.rope_theta, x.dtype)
@@ -80,7 +84,7 @@ def paged_forward(model: MoEForCausalLM, pool: SlotPool, segs: list[Segment]):
         pool.v[li, new_slots] = v[0].transpose(0, 1)
         out = torch.empty(q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype)  # [T, nh, D]
         if decode:
-            out[decode_pos] = _attend_decode(q, pool.k[li], pool.v[li], [segs[i] for i in decode], decode_pos)
+            out[decode_pos] = _attend_decode(q, pool.k[li], pool.v[li], dec_idx, dec_mask, decode_pos)
         for i in prefill:
             lo, hi = offsets[i]
             out[lo:hi] = _attend_prefill(q, pool.k[li], pool.v[li], segs[i], lo, hi)

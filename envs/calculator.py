@@ -1,0 +1,78 @@
+"""Calculator: seeded arithmetic and word problems, a safe `calc` tool (an `ast` walk, no eval), reward 1
+when the answer's last number is right. Expected episode: call `calc`, then "The answer is 42." (2 turns)."""
+
+import ast
+import re
+from fractions import Fraction
+
+from agentrl.env import Task, ToolEnv, tool
+
+_OPS = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__, ast.Mult: Fraction.__mul__, ast.Div: Fraction.__truediv__}
+_MAX_LEN, _MAX_ABS = 200, 10**60
+
+
+def _eval(node: ast.AST) -> Fraction:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return Fraction(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        return -_eval(node.operand) if isinstance(node.op, ast.USub) else _eval(node.operand)
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        left, right = _eval(node.left), _eval(node.right)
+        if isinstance(node.op, ast.Div) and right == 0:
+            raise ZeroDivisionError("division by zero")
+        value = _OPS[type(node.op)](left, right)
+        if abs(value) > _MAX_ABS:
+            raise ValueError("result too large")
+        return value
+    what = type(node.op if isinstance(node, (ast.BinOp, ast.UnaryOp)) else node).__name__
+    raise ValueError(f"{what} is not allowed; use integers, + - * / and ( )")
+
+
+@tool
+def calc(expr: str) -> str:
+    """Evaluate an arithmetic expression exactly.
+
+    Args:
+        expr: Integers with + - * / and parentheses, e.g. "17 + 3 * 12".
+    """
+    if len(expr) > _MAX_LEN:
+        raise ValueError(f"expression longer than {_MAX_LEN} characters")
+    expr = expr.replace("×", "*").replace("−", "-").replace("÷", "/")
+    try:
+        value = _eval(ast.parse(expr.strip(), mode="eval").body)
+    except SyntaxError:
+        raise ValueError("not a valid expression") from None
+    return str(value.numerator) if value.denominator == 1 else f"{float(value):.10g}"
+
+
+_WORD_PROBLEMS = [  # (template, answer from a, b, c)
+    ("{name} has {a} apples and buys {b} bags of {c}. How many apples does {name} have?", lambda a, b, c: a + b * c),
+    ("A shop has {b} boxes of {c} pens and sells {a} pens. How many pens are left?", lambda a, b, c: b * c - a),
+    ("{name} reads {c} pages a day for {b} days, then {a} more. How many pages in total?", lambda a, b, c: b * c + a),
+]
+_NAMES = ["Alice", "Bob", "Chen", "Dana", "Emeka", "Farah"]
+_NUMBER = re.compile(r"[-−]?\d[\d,]*(?:\.\d+)?")
+
+
+class CalculatorEnv(ToolEnv):
+    tools = [calc]
+    system_prompt = "Use the calc tool for arithmetic, then state the final answer as a number."
+
+    def task(self, rng, options) -> Task:
+        a, b, c = (int(x) for x in rng.integers([10, 2, 10], [1000, 13, 100]))
+        if rng.random() < 0.5:
+            op, b = ["+", "−", "×"][int(rng.integers(3))], int(rng.integers(10, 1000))
+            question, answer = f"What is {a} {op} {b}?", {"+": a + b, "−": a - b, "×": a * b}[op]
+        else:
+            template, fn = _WORD_PROBLEMS[int(rng.integers(len(_WORD_PROBLEMS)))]
+            a = 1 + a % (b * c)  # so that "sells a" never exceeds the stock
+            question = template.format(name=_NAMES[int(rng.integers(len(_NAMES)))], a=a, b=b, c=c)
+            answer = fn(a, b, c)
+        return Task(messages=[{"role": "user", "content": question}], answer=answer)
+
+    def reward(self, task, history, final_text) -> float:
+        numbers = _NUMBER.findall(final_text)
+        try:
+            return float(bool(numbers) and Fraction(numbers[-1].replace(",", "").replace("−", "-")) == task.answer)
+        except ValueError:  # e.g. a number too long to convert
+            return 0.0
