@@ -21,6 +21,7 @@ The update, in order (each line is plain code in `train_step`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -35,6 +36,7 @@ from agentrl.algo import losses as L
 from agentrl.algo.corrections import apply_correction
 from agentrl.algo.metrics import mismatch_metrics, routing_metrics
 from agentrl.learner.batch import ModelBatch, build_batch, per_sequence, rows_report, sequence_tensor, target_logprobs
+from agentrl.model.modeling import MoEForCausalLM
 from agentrl.model.replay import attach_replay
 from agentrl.routing import RoutingLayout, RoutingRows
 from agentrl.trajectory import Trajectory, TrajectoryError
@@ -119,21 +121,27 @@ class TorchLearner:
     # ------------------------------------------------------------------ forward
     def _forward(self, batch: ModelBatch, rows_mode: str, model=None, aux: bool = False):
         model = model or self.model
-        kw = dict(attention_mask=batch.attention_mask, segment_ids=batch.segment_ids)
-        replaying = rows_mode == "replay" and batch.routing is not None and model is self.model
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.dtype == "bfloat16" else torch.autocast(
-            "cpu", enabled=False)
-        with ctx:
-            if replaying:
-                with self.hook.replay(batch.routing, batch.routing_mask):
-                    out = model(batch.input_ids, **kw, **({"return_aux_loss": True} if aux else {}))
-            elif rows_mode == "record" and model is self.model and self.hook is not None:
-                with self.hook.record():
-                    out = model(batch.input_ids, **kw, **({"return_aux_loss": True} if aux else {}))
-            else:
-                out = model(batch.input_ids, **kw, **({"return_aux_loss": True} if aux else {}))
+        kw = dict(attention_mask=batch.attention_mask)
+        if isinstance(model, MoEForCausalLM):
+            kw["segment_ids"] = batch.segment_ids
+            if aux:
+                kw["return_aux_loss"] = True
+        elif batch.segment_ids is not None:
+            raise ValueError("the packed layout needs agentrl's model; use layout='padded' for transformers models")
+        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.dtype == "bfloat16"
+               else contextlib.nullcontext())
+        mine = model is self.model and self.hook is not None
+        if mine and rows_mode == "replay" and batch.routing is not None:
+            routing = self.hook.replay(batch.routing, batch.routing_mask)
+        elif mine and rows_mode == "record":
+            routing = self.hook.record()
+        else:
+            routing = contextlib.nullcontext()
+        with ctx, routing:
+            out = model(batch.input_ids, **kw)
         logp, ent = target_logprobs(out.logits, batch)
-        return logp, ent, getattr(out, "aux_loss", None)
+        aux_loss = getattr(out, "aux_loss", None) if aux else None
+        return logp, ent, aux_loss
 
     def _rows_per_sequence(self, flat_rows: torch.Tensor, batch: ModelBatch) -> list[np.ndarray]:
         r = flat_rows.reshape(*batch.input_ids.shape, *flat_rows.shape[1:])
@@ -222,8 +230,9 @@ class TorchLearner:
                 lp, ent, aux = self._forward(batch, rows_mode, aux=cfg.aux_loss_coef > 0)
                 w_share = (int(train_mask[mb].sum()) / mini_tokens if cfg.agg == "token-mean" and cfg.loss == "ppo"
                            else 1.0 if cfg.agg == "token-sum-norm" and cfg.loss == "ppo" else len(mb) / len(mini))
-                loss, s = self._loss(lp, ent, aux, logp_old[mb], adv_seq[mb], train_mask[mb], weights[mb],
-                                     None if logp_ref is None else logp_ref[mb])
+                w = lp.shape[1]  # this micro-batch's longest sequence; the batch tensors are wider
+                loss, s = self._loss(lp, ent, aux, logp_old[mb, :w], adv_seq[mb], train_mask[mb, :w],
+                                     weights[mb, :w], None if logp_ref is None else logp_ref[mb, :w])
                 (loss * w_share).backward()
                 for k, v in s.items():
                     stats.setdefault(k, []).append(float(v))
@@ -281,7 +290,7 @@ class TorchLearner:
     def _routing_metrics(self, engine_rows, free_rows) -> dict[str, float]:
         a = torch.from_numpy(np.concatenate(engine_rows).astype(np.int64))
         b = torch.from_numpy(np.concatenate(free_rows).astype(np.int64))
-        return {k.replace("routing_disagree", "routing_disagree"): v for k, v in routing_metrics(a, b).items()}
+        return routing_metrics(a, b)
 
     @torch.no_grad()
     def _ema_update(self) -> None:
