@@ -56,6 +56,7 @@ class LearnerConfig:
     mini_batches: int = 1  # optimizer steps per rollout batch
     micro_batch_tokens: int = 8192  # tokens per forward (gradient accumulation above that)
     layout: Literal["packed", "padded"] = "packed"
+    pack_row_tokens: int | None = None  # packed row width; None = the longest sequence (bounds O(width^2) attention)
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 = autocast, fp32 master weights
     replay: Literal["off", "R2", "R3"] = "R3"
     advantage: Literal["grpo", "grpo_nostd", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
@@ -184,7 +185,7 @@ class TorchLearner:
         old_mode = {"off": "free", "R2": "record", "R3": "replay"}[cfg.replay]
         with torch.no_grad():
             for mb in _micro_batches(lens, list(range(n)), cfg.micro_batch_tokens):
-                batch = build_batch([ok[i] for i in mb], self.layout, cfg.layout, cfg.micro_batch_tokens,
+                batch = build_batch([ok[i] for i in mb], self.layout, cfg.layout, self._row_tokens(lens, mb),
                                     with_routing=cfg.replay == "R3")
                 lp, _, _ = self._forward(batch, old_mode)
                 for j, i in enumerate(mb):
@@ -225,7 +226,7 @@ class TorchLearner:
             self.opt.zero_grad(set_to_none=True)
             mini_tokens = max(1, int(train_mask[mini].sum()))
             for mb in _micro_batches(lens, mini, cfg.micro_batch_tokens):
-                batch = build_batch([ok[i] for i in mb], self.layout, cfg.layout, cfg.micro_batch_tokens,
+                batch = build_batch([ok[i] for i in mb], self.layout, cfg.layout, self._row_tokens(lens, mb),
                                     with_routing=cfg.replay != "off")
                 lp, ent, aux = self._forward(batch, rows_mode, aux=cfg.aux_loss_coef > 0)
                 w_share = (int(train_mask[mb].sum()) / mini_tokens if cfg.agg == "token-mean" and cfg.loss == "ppo"
@@ -247,6 +248,9 @@ class TorchLearner:
                  adv_abs_mean=float(adv_seq.abs().mean()), trained_sequences=float(n),
                  trained_tokens=float(train_mask.sum()), learner_time_s=time.perf_counter() - t0)
         return m
+
+    def _row_tokens(self, lens: list[int], mb: list[int]) -> int:
+        return self.cfg.pack_row_tokens or max(lens[i] for i in mb)
 
     def _advantages(self, rewards, group_ids, mask) -> torch.Tensor:
         a = self.cfg.advantage
