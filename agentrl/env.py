@@ -221,6 +221,11 @@ class ToolEnv(gymnasium.Env[list[Message], str]):
         """Per-turn shaping reward (default 0)."""
         return 0.0
 
+    def demonstration(self, task: Task) -> list[str]:
+        """Optional: the assistant turns of a correct episode (for supervised warm-up and as a
+        scripted reference policy, agentrl.sft). Envs that cannot script one leave this unimplemented."""
+        raise NotImplementedError(f"{type(self).__name__} has no scripted demonstration")
+
     # ---- gymnasium API ----
     def tool_schemas(self) -> list[dict[str, Any]]:
         """The tools as OpenAI function specs (the chat template's ``tools=``); fresh copies."""

@@ -2,6 +2,7 @@
 when the answer's last number is right. Expected episode: call `calc`, then "The answer is 42." (2 turns)."""
 
 import ast
+import json
 import re
 from fractions import Fraction
 
@@ -63,12 +64,19 @@ class CalculatorEnv(ToolEnv):
         if rng.random() < 0.5:
             op, b = ["+", "−", "×"][int(rng.integers(3))], int(rng.integers(10, 1000))
             question, answer = f"What is {a} {op} {b}?", {"+": a + b, "−": a - b, "×": a * b}[op]
+            expr = f"{a} {dict(zip('+−×', '+-*'))[op]} {b}"
         else:
-            template, fn = _WORD_PROBLEMS[int(rng.integers(len(_WORD_PROBLEMS)))]
+            k = int(rng.integers(len(_WORD_PROBLEMS)))
+            template, fn = _WORD_PROBLEMS[k]
             a = 1 + a % (b * c)  # so that "sells a" never exceeds the stock
             question = template.format(name=_NAMES[int(rng.integers(len(_NAMES)))], a=a, b=b, c=c)
-            answer = fn(a, b, c)
-        return Task(messages=[{"role": "user", "content": question}], answer=answer)
+            answer, expr = fn(a, b, c), [f"{a} + {b} * {c}", f"{b} * {c} - {a}", f"{b} * {c} + {a}"][k]
+        return Task(messages=[{"role": "user", "content": question}], answer=answer, info={"expr": expr})
+
+    def demonstration(self, task) -> list[str]:
+        """A correct episode's assistant turns: call calc, then state the answer."""
+        call = json.dumps({"name": "calc", "arguments": {"expr": task.info["expr"]}})
+        return [f"<tool_call>\n{call}\n</tool_call>", f"The answer is {task.answer}."]
 
     def reward(self, task, history, final_text) -> float:
         numbers = _NUMBER.findall(final_text)
