@@ -3,6 +3,8 @@
     agentrl init-model --preset tiny-moe --out DIR     a random checkpoint in HF layout (+ tokenizer)
     agentrl demo [--out runs/demo]                       foundation demo: rows, wire format, R3 replay
     agentrl serve --model DIR --port P                   the embedded engine behind SGLang's HTTP API
+    agentrl train RECIPE [key.sub=value ...] [--resume]  the RL run a recipe describes (Ray, async or sync)
+    agentrl eval RECIPE [--policy model|gold|noop] [--base-url URL]
 """
 
 from __future__ import annotations
@@ -55,6 +57,35 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    from agentrl.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(args.recipe, args.overrides)
+    except RecipeError as e:
+        print(f"agentrl: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _train(args: argparse.Namespace) -> int:
+    from agentrl.runtime.train import train
+
+    recipe = _load(args)
+    if args.address:
+        recipe.runtime.address = args.address
+    summary = train(recipe, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "trained_groups"}, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from agentrl.evaluate import evaluate
+
+    summary = evaluate(_load(args), policy=args.policy, base_url=args.base_url, model_dir=args.model)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentrl", description="Asynchronous RL for LLM agents, MoE-first (R3).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -91,6 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-running", type=int, default=256, help="requests decoding at once")
     v.add_argument("--no-routing", action="store_true", help="do not capture routing rows")
     v.set_defaults(func=_serve)
+
+    t = sub.add_parser("train", help="run the RL job a recipe describes",
+                       description="Train with the recipe (YAML). Overrides: key.sub=value, e.g. learner.lr=1e-4 "
+                                   "runtime.mode=sync. Writes runs/<name>/ (config, metrics.jsonl, TensorBoard, "
+                                   "checkpoints, plots).")
+    t.add_argument("recipe", help="recipe YAML (recipes/quickstart.yaml)")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    t.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate a policy on the recipe's held-out tasks",
+                       description="Episodes on env.eval_seeds; per-episode records and a summary in runs/<name>/eval/.")
+    e.add_argument("recipe")
+    e.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    e.add_argument("--policy", choices=["model", "gold", "noop"], default=None, help="default: the recipe's eval.policy")
+    e.add_argument("--base-url", default=None, help="an SGLang-compatible server (agentrl serve, SGLang) instead of "
+                                                   "the embedded engine")
+    e.add_argument("--model", default=None, help="checkpoint to evaluate (default: the run's latest)")
+    e.set_defaults(func=_eval)
     return p
 
 

@@ -188,6 +188,7 @@ class ToolEnv(gymnasium.Env[list[Message], str]):
 
     tools: list[Tool] = []
     system_prompt: str | None = None
+    tools_in_prompt: bool = True  # False: the chat template gets no tool schemas (the system prompt describes them)
     metadata: dict[str, Any] = {"render_modes": []}
 
     def __init__(self, *, max_turns: int = 10, max_tool_calls_per_turn: int = 8, max_tool_output_chars: int = 4000,
@@ -242,7 +243,8 @@ class ToolEnv(gymnasium.Env[list[Message], str]):
         if self.system_prompt and not (messages and messages[0]["role"] == "system"):
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         self.current_task, self.history, self._turn, self._done = task, copy.deepcopy(messages), 0, False
-        return messages, {"tools": self.tool_schemas(), "task_id": task.id or _hash_messages(task.messages)}
+        tools = self.tool_schemas() if self.tools_in_prompt else []
+        return messages, {"tools": tools, "task_id": task.id or _hash_messages(task.messages)}
 
     def step(self, action: str):
         """Sync ``astep``: runs it on this env's private event loop. Inside a running event loop

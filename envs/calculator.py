@@ -55,14 +55,30 @@ _NAMES = ["Alice", "Bob", "Chen", "Dana", "Emeka", "Farah"]
 _NUMBER = re.compile(r"[-−]?\d[\d,]*(?:\.\d+)?")
 
 
+_COMPACT = ('Call calc as <tool_call>{"name": "calc", "arguments": {"expr": "..."}}</tool_call>, '
+            'then reply "The answer is N."')
+
+
 class CalculatorEnv(ToolEnv):
+    """`compact=True` replaces the chat template's JSON tool schema (~250 tokens) by a one-line
+    instruction: the same task in ~40 prompt tokens, for fast CPU training (the quickstart)."""
+
     tools = [calc]
     system_prompt = "Use the calc tool for arithmetic, then state the final answer as a number."
 
+    def __init__(self, compact: bool = False, digits: int = 3, word_problems: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if not 1 <= digits <= 6:
+            raise ValueError("digits must be in 1..6")
+        self.digits, self.word_problems = digits, word_problems
+        if compact:
+            self.system_prompt, self.tools_in_prompt = _COMPACT, False
+
     def task(self, rng, options) -> Task:
-        a, b, c = (int(x) for x in rng.integers([10, 2, 10], [1000, 13, 100]))
-        if rng.random() < 0.5:
-            op, b = ["+", "−", "×"][int(rng.integers(3))], int(rng.integers(10, 1000))
+        top = 10 ** self.digits
+        a, b, c = (int(x) for x in rng.integers([top // 10, 2, 10], [top, 13, 100]))
+        if not self.word_problems or rng.random() < 0.5:
+            op, b = ["+", "−", "×"][int(rng.integers(3))], int(rng.integers(top // 10, top))
             question, answer = f"What is {a} {op} {b}?", {"+": a + b, "−": a - b, "×": a * b}[op]
             expr = f"{a} {dict(zip('+−×', '+-*'))[op]} {b}"
         else:

@@ -190,11 +190,14 @@ class Engine:
         return self._command(self._flush)
 
     def update_weights_from_state_dict(self, state: dict[str, torch.Tensor],
-                                       in_flight: Literal["continue", "abort"] = "continue") -> int:
-        """Load new weights (fused or per-expert keys); bumps and returns the policy version."""
-        return self._command(lambda: self._update(fuse_experts(state), in_flight))
+                                       in_flight: Literal["continue", "abort"] = "continue",
+                                       version: int | None = None) -> int:
+        """Load new weights (fused or per-expert keys); sets the policy version to `version` (the
+        learner's) or bumps it by one, and returns it."""
+        return self._command(lambda: self._update(fuse_experts(state), in_flight, version))
 
-    def update_weights_from_disk(self, path: str | Path, in_flight: Literal["continue", "abort"] = "continue") -> int:
+    def update_weights_from_disk(self, path: str | Path, in_flight: Literal["continue", "abort"] = "continue",
+                                 version: int | None = None) -> int:
         from agentrl.model.checkpoint import load_config
 
         if load_config(path) != self.config.replace(eos_token_id=load_config(path).eos_token_id,
@@ -202,7 +205,7 @@ class Engine:
                                                      bos_token_id=load_config(path).bos_token_id):
             raise RequestError(f"checkpoint {path} has a different architecture than the served model")
         state = read_state_dict(path)
-        out = self.update_weights_from_state_dict(state, in_flight)
+        out = self.update_weights_from_state_dict(state, in_flight, version)
         self.model_path = str(path)
         return out
 
@@ -223,7 +226,7 @@ class Engine:
         self.pool.unref(self.tree.flush())
         return True
 
-    def _update(self, state: dict[str, torch.Tensor], in_flight: str) -> int:
+    def _update(self, state: dict[str, torch.Tensor], in_flight: str, version: int | None = None) -> int:
         if in_flight not in ("continue", "abort"):
             raise ValueError(f"in_flight must be 'continue' or 'abort', got {in_flight!r}")
         if in_flight == "abort":
@@ -232,7 +235,7 @@ class Engine:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected or [m for m in missing if not m.endswith("e_score_correction_bias")]:
             raise RequestError(f"weights do not match the model: missing={missing}, unexpected={unexpected}")
-        self.version += 1
+        self.version = self.version + 1 if version is None else int(version)
         self._flush()
         return self.version
 

@@ -1,0 +1,218 @@
+"""Ray actors: inference engines, rollout workers and the learner. The loop that drives them is
+plain code in train.py.
+
+Owns: `EngineActor` (the embedded engine, or a launched SGLang server behind our client, with
+weight updates from a Ray object or from disk), `RolloutWorker` (runs agent loops concurrently
+against the engines; I/O only, so `num_cpus=0`), `LearnerActor` (TorchLearner + checkpoints) and
+`RayEngine`, the InferenceEngine adapter that lets the agent loop call an engine actor.
+Does not own: the schedule (train.py), the recipe schema (agentrl.recipe).
+
+Fault tolerance: actors are created with `max_restarts`; engine calls are retried on a restarted
+engine (`max_task_retries`), which reloads the latest published weights from disk. Rollout jobs
+lost with a dead worker are resubmitted by the controller (train.py), each exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from agentrl.engine.types import GenerateOutput, GenerateRequest, SamplingParams
+
+
+def _latest_weights(weights_dir: Path) -> tuple[Path | None, int]:
+    marker = weights_dir / "LATEST"
+    if not marker.exists():
+        return None, 0
+    name = marker.read_text().strip()
+    return weights_dir / name, int(name.rsplit("_", 1)[-1])
+
+
+class EngineActorImpl:
+    """One inference engine. backend "embedded": agentrl's engine in this process; "sglang": a real
+    SGLang server launched by this actor and reached through agentrl's client; "http": an engine
+    already serving at `url`."""
+
+    def __init__(self, model_dir: str, weights_dir: str, backend: str = "embedded", dtype: str = "bfloat16",
+                 max_total_tokens: int = 65536, chunk_size: int = 512, url: str | None = None,
+                 sglang_python: str = "python", sglang_args: list[str] | None = None, port: int = 30000) -> None:
+        self.backend, self.weights_dir = backend, Path(weights_dir)
+        latest, version = _latest_weights(self.weights_dir)  # after a restart: the newest published weights
+        path = str(latest or model_dir)
+        self.server = None
+        if backend == "embedded":
+            from agentrl.engine.engine import Engine
+
+            self.engine = Engine.from_pretrained(path, dtype=dtype, max_total_tokens=max_total_tokens,
+                                                 chunk_size=chunk_size).start()
+            self.engine.version = version
+        else:
+            from agentrl.engine.client import EngineClient
+
+            if backend == "sglang":
+                from agentrl.engine.sglang import SGLangServer, SGLangServerConfig
+
+                self.server = SGLangServer(SGLangServerConfig(model_path=path, port=port, python=sglang_python,
+                                                              extra_args=list(sglang_args or [])))
+                self.server.start()
+                url = self.server.base_url
+            self.engine = EngineClient(url)
+            self.version = version
+
+    async def generate(self, request: GenerateRequest) -> GenerateOutput:
+        return await self.engine.generate(request)
+
+    def update_weights(self, state: dict[str, torch.Tensor], version: int, in_flight: str = "continue") -> int:
+        """Embedded engines take the state dict itself (a Ray object: no disk round trip)."""
+        return self.engine.update_weights_from_state_dict(state, in_flight, version)
+
+    async def update_weights_from_disk(self, path: str, version: int, in_flight: str = "continue") -> int:
+        if self.backend == "embedded":
+            self.engine.update_weights_from_disk(path, in_flight, version)
+        else:
+            await self.engine.update_weights_from_disk(path, abort_in_flight=in_flight == "abort")
+        return version
+
+    def stats(self) -> dict:
+        return self.engine.stats() if self.backend == "embedded" else {}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def shutdown(self) -> None:
+        if self.backend == "embedded":
+            self.engine.shutdown()
+        if self.server is not None:
+            self.server.stop()
+
+
+class RayEngine:
+    """InferenceEngine over an EngineActor handle (what the agent loop sees inside a worker)."""
+
+    def __init__(self, actor) -> None:
+        self.actor = actor
+
+    async def generate(self, request: GenerateRequest) -> GenerateOutput:
+        return await self.actor.generate.remote(request)
+
+
+class RolloutWorkerImpl:
+    """Runs agent-loop episodes for the controller: one call = one job (a list of task seeds, each a
+    GRPO group). Holds no state the controller needs back except the results."""
+
+    def __init__(self, model_dir: str, env_id: str, env_kwargs: dict, engines: list, layout,
+                 simulated_tool_latency: float = 0.0) -> None:
+        from transformers import AutoTokenizer
+
+        from agentrl.env import make
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.engines = [RayEngine(e) for e in engines]
+        self.layout = layout
+        latency = simulated_tool_latency
+
+        def make_env():
+            env = make(env_id, **env_kwargs)
+            if latency > 0:  # for the async-vs-sync benchmark: a slow tool (sandbox, web) on every step
+                step = env.astep
+
+                async def slow_step(action):
+                    await asyncio.sleep(latency)
+                    return await step(action)
+
+                env.astep = slow_step
+            return env
+
+        self.make_env = make_env
+
+    async def run(self, seeds: list[int], group_size: int, sampling: SamplingParams, concurrency: int,
+                  max_total_tokens: int, engine_index: int = 0):
+        from agentrl.rollout import run_episodes
+
+        engines = self.engines[engine_index % len(self.engines):] + self.engines[: engine_index % len(self.engines)]
+        t0 = time.perf_counter()
+        trajs = await run_episodes(engines, self.make_env, self.tok, sampling, seeds=seeds, group_size=group_size,
+                                   concurrency=concurrency, layout=self.layout, max_total_tokens=max_total_tokens)
+        return trajs, time.perf_counter() - t0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class LearnerActorImpl:
+    """The torch learner plus publishing and checkpoints (HF layout + trainer state)."""
+
+    def __init__(self, model_dir: str, learner_cfg, weights_dir: str, threads: int = 0, seed: int = 0) -> None:
+        from agentrl.learner.learner import TorchLearner
+        from agentrl.model import load_pretrained
+
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.model_dir = model_dir
+        self.learner = TorchLearner(load_pretrained(model_dir), learner_cfg)
+        self.weights_dir = Path(weights_dir)
+
+    def train_step(self, trajs) -> dict:
+        return self.learner.train_step(trajs)
+
+    def version(self) -> int:
+        return self.learner.version
+
+    def weights(self) -> tuple[dict, int]:
+        """The state dict to publish (a Ray object once returned) and its version."""
+        return self.learner.weights()
+
+    def publish_to_disk(self) -> str:
+        """Write the current weights as an HF checkpoint under weights/ and point LATEST at it (what a
+        restarted engine or an SGLang server loads)."""
+        from transformers import AutoTokenizer
+
+        from agentrl.model import save_pretrained
+
+        state, version = self.learner.weights()
+        out = self.weights_dir / f"v_{version}"
+        model = self.learner.model
+        save_pretrained(model, out, tokenizer=AutoTokenizer.from_pretrained(self.model_dir))
+        if self.learner.cfg.publish == "ema" and self.learner.ema is not None:
+            from safetensors.torch import save_file
+
+            from agentrl.model.checkpoint import split_experts
+
+            save_file({k: v.contiguous() for k, v in split_experts(state).items()}, str(out / "model.safetensors"))
+        tmp = self.weights_dir / "LATEST.tmp"
+        tmp.write_text(out.name)
+        tmp.replace(self.weights_dir / "LATEST")
+        for old in self.weights_dir.glob("v_*"):  # keep the newest two
+            if old.name not in (out.name, f"v_{version - 1}"):
+                import shutil
+
+                shutil.rmtree(old, ignore_errors=True)
+        return str(out)
+
+    def save_checkpoint(self, path: str, extra: dict) -> str:
+        from agentrl.runtime.checkpoint import save_checkpoint
+
+        return save_checkpoint(Path(path), self.learner, self.model_dir, extra)
+
+    def load_checkpoint(self, path: str) -> dict:
+        from agentrl.runtime.checkpoint import load_checkpoint
+
+        return load_checkpoint(Path(path), self.learner)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def remote_classes(max_restarts: int = 3):
+    """Ray actor classes. Engine and learner compute (1 CPU each); rollout workers only do I/O
+    (num_cpus=0: on a 2-core machine anything else deadlocks the schedule)."""
+    engine = ray.remote(num_cpus=1, max_restarts=max_restarts, max_task_retries=-1, max_concurrency=1024)(EngineActorImpl)
+    worker = ray.remote(num_cpus=0, max_restarts=max_restarts, max_concurrency=64)(RolloutWorkerImpl)
+    learner = ray.remote(num_cpus=1, max_restarts=0)(LearnerActorImpl)
+    return engine, worker, learner

@@ -1,0 +1,217 @@
+"""`agentrl train RECIPE`: the RL loop, as plain code on the Ray driver.
+
+    warm-up (optional SFT on scripted demos) -> actors -> loop:
+        keep rollout jobs in flight (async: up to (max_staleness + 1) steps ahead; sync: one step)
+        admit finished groups into the buffer unless too stale (dropped, counted)
+        when the buffer holds a step's worth of groups: learner.train_step -> publish weights to
+        every engine (version + 1, cache flush) -> log / evaluate / checkpoint
+Async and sync differ only in how many rollout jobs may be in flight while the learner trains.
+
+Data position: task seeds are drawn in order (group g uses seed train_seeds[0] + g); the set of
+groups already trained is checkpointed, so a resumed run neither repeats nor skips a group. A job
+lost with a dead rollout worker is resubmitted once per failure; its groups are trained once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from agentrl.engine.types import SamplingParams
+from agentrl.recipe import Recipe, dump_yaml, run_dir
+from agentrl.routing import RoutingLayout
+from agentrl.runtime.actors import remote_classes
+from agentrl.runtime.checkpoint import latest_checkpoint
+from agentrl.runtime.logging import RunLogger
+
+
+def prepare_model(recipe: Recipe, run: Path, log=print) -> str:
+    """The checkpoint the run starts from: a given path, or `init-model` (+ warm-up) into the run dir."""
+    from agentrl.model import load_pretrained, save_pretrained
+    from agentrl.model.checkpoint import init_model
+
+    if recipe.model.path:
+        start = recipe.model.path
+    else:
+        start = str(run / "init")
+        if not (Path(start) / "config.json").exists():
+            init = recipe.model.init
+            init_model(init.preset, start, seed=init.seed, **init.overrides)
+    if recipe.warmup is None:
+        return start
+    warm = run / "warm"
+    if (warm / "config.json").exists():
+        return str(warm)
+    from transformers import AutoTokenizer
+
+    from agentrl.env import make
+    from agentrl.sft import collect_demos, warm_up
+
+    tok = AutoTokenizer.from_pretrained(start)
+    w = recipe.warmup
+    lo = recipe.env.train_seeds[1] - w.demos  # demo tasks come from the end of the training range
+    demos = collect_demos(lambda: make(recipe.env.id, **recipe.env.kwargs), tok, range(lo, lo + w.demos))
+    model = load_pretrained(start)
+    t0 = time.perf_counter()
+    losses = warm_up(model, demos, w.steps, batch_size=w.batch_size, lr=w.lr, seed=recipe.seed)
+    log(f"warm-up: {w.steps} steps on {len(demos)} demos in {time.perf_counter() - t0:.0f}s, "
+        f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    save_pretrained(model, warm, tokenizer=tok)
+    return str(warm)
+
+
+def _staleness(traj, version: int) -> int:
+    gen = traj.versions[traj.loss_mask]
+    return version - int(gen.min()) if gen.size else 0
+
+
+def train(recipe: Recipe, resume: bool = False, kill_after_step: int | None = None) -> dict:
+    run = run_dir(recipe)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(dump_yaml(recipe))
+    rt, ro = recipe.runtime, recipe.rollout
+    ckpt = latest_checkpoint(run) if resume else None
+    if resume and ckpt is None:
+        print(f"--resume: no checkpoint in {run}/checkpoints; starting fresh")
+    model_dir = prepare_model(recipe, run)
+
+    if not ray.is_initialized():
+        ray.init(address=rt.address or os.environ.get("RAY_ADDRESS"), num_cpus=rt.num_cpus,
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+    Engine, Worker, Learner = remote_classes(rt.max_restarts)
+    from agentrl.model import load_config
+
+    cfg = load_config(model_dir)
+    layout = RoutingLayout.from_config(cfg) if cfg.moe_layers else None
+    weights_dir = run / "weights"
+    weights_dir.mkdir(exist_ok=True)
+    e = recipe.engine
+    engines = [Engine.remote(model_dir, str(weights_dir), e.backend, e.dtype, e.max_total_tokens, e.chunk_size, e.url,
+                             e.sglang_python, e.sglang_args, 30000 + i) for i in range(e.num_engines)]
+    workers = [Worker.remote(model_dir, recipe.env.id, recipe.env.kwargs, engines, layout, ro.simulated_tool_latency)
+               for _ in range(ro.workers)]
+    learner = Learner.remote(model_dir, recipe.learner.to_learner_config(), str(weights_dir),
+                             1 if rt.mode == "async" else 0, recipe.seed)
+
+    # ---- controller state (checkpointed)
+    state = {"step": 0, "next_group": 0, "trained_groups": [], "samples": 0}
+    if ckpt is not None:
+        state = ray.get(learner.load_checkpoint.remote(str(ckpt)))
+        print(f"resumed from {ckpt} at step {state['step']}")
+        publish(learner, engines, recipe)
+    trained = set(state["trained_groups"])
+    logger = RunLogger(run, tensorboard=recipe.output.tensorboard, console=recipe.output.console)
+    sampling = SamplingParams(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens)
+    capacity = ro.prompts_per_step * ((rt.max_staleness + 1) if rt.mode == "async" else 1)
+    jobs: dict = {}  # ObjectRef -> (groups, worker index)
+    buffer: deque = deque()  # (group index, trajectories)
+    counters = {"dropped_stale": 0, "jobs_retried": 0}
+    next_group = state["next_group"]
+    version = state["step"]
+    last_t, samples_since = time.perf_counter(), 0
+
+    def submit(groups: list[int], w: int) -> None:
+        seeds = [recipe.env.train_seeds[0] + g % (recipe.env.train_seeds[1] - recipe.env.train_seeds[0])
+                 for g in groups]
+        ref = workers[w % len(workers)].run.remote(seeds, ro.group_size, sampling, ro.concurrency,
+                                                   ro.max_total_tokens, w)
+        jobs[ref] = (groups, w)
+
+    def fill() -> None:
+        nonlocal next_group
+        in_flight = sum(len(g) for g, _ in jobs.values()) + len(buffer)
+        while in_flight < capacity:
+            while next_group in trained:
+                next_group += 1
+            submit([next_group], next_group)
+            next_group += 1
+            in_flight += 1
+
+    if state["step"] == 0 and recipe.eval and rt.eval_every:
+        logger.log(0, {"eval_reward": evaluate(recipe, workers[0], state["step"])})
+    while state["step"] < rt.steps:
+        if rt.mode == "async" or not buffer:
+            fill()
+        ready, _ = ray.wait(list(jobs), num_returns=1)
+        for ref in ready:
+            groups, w = jobs.pop(ref)
+            try:
+                trajs, _ = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                counters["jobs_retried"] += 1
+                submit(groups, w + 1)  # the worker died: same groups, another (or the restarted) worker
+                continue
+            for i, g in enumerate(groups):
+                group = trajs[i * ro.group_size:(i + 1) * ro.group_size]
+                if max(_staleness(t, version) for t in group) > rt.max_staleness:
+                    counters["dropped_stale"] += 1
+                    trained.discard(g)
+                    continue
+                buffer.append((g, group))
+        if len(buffer) < ro.prompts_per_step:
+            continue
+        # ---- one learner update
+        batch = [buffer.popleft() for _ in range(ro.prompts_per_step)]
+        trajs = [t for _, group in batch for t in group]
+        stale = [_staleness(t, version) for t in trajs]
+        metrics = ray.get(learner.train_step.remote(trajs))
+        version = publish(learner, engines, recipe)
+        trained.update(g for g, _ in batch)
+        state["step"] += 1
+        samples_since += len(trajs)
+        now = time.perf_counter()
+        metrics.update(
+            reward_mean=float(np.mean([t.reward for t in trajs])), staleness_mean=float(np.mean(stale)),
+            staleness_max=float(max(stale)), samples_per_s=samples_since / (now - last_t),
+            turns_mean=float(np.mean([t.turns for t in trajs])),
+            ok_frac=float(np.mean([t.status == "ok" for t in trajs])), buffer=float(len(buffer)), **counters)
+        last_t, samples_since = now, 0
+        if recipe.eval and rt.eval_every and state["step"] % rt.eval_every == 0:
+            metrics["eval_reward"] = evaluate(recipe, workers[0], state["step"])
+        logger.log(state["step"], metrics)
+        state.update(next_group=min([g for g, _ in buffer] + [g for gs, _ in jobs.values() for g in gs] + [next_group]),
+                     trained_groups=sorted(trained), samples=state["samples"] + len(trajs))
+        if rt.checkpoint_every and (state["step"] % rt.checkpoint_every == 0 or state["step"] == rt.steps):
+            ray.get(learner.save_checkpoint.remote(str(run / "checkpoints" / f"step_{state['step']}"), dict(state)))
+        if kill_after_step is not None and state["step"] >= kill_after_step:
+            os._exit(9)  # test hook: die like kill -9 right after this step
+    summary = {"steps": state["step"], "trained_groups": sorted(trained), **counters}
+    if recipe.eval:
+        summary["final_eval_reward"] = evaluate(recipe, workers[0], state["step"])
+    summary["plots"] = [str(p) for p in logger.finish()]
+    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for eng in engines:
+        ray.get(eng.shutdown.remote())
+    return summary
+
+
+def publish(learner, engines, recipe: Recipe) -> int:
+    """New weights to every engine: as a Ray object for embedded engines, from disk for servers.
+    The disk copy is also what a restarted engine loads."""
+    path = ray.get(learner.publish_to_disk.remote())
+    state_ref, version_ref = learner.weights.options(num_returns=2).remote()
+    version = ray.get(version_ref)
+    rt = recipe.runtime
+    if recipe.engine.backend == "embedded":
+        ray.get([e.update_weights.remote(state_ref, version, rt.in_flight) for e in engines])
+    else:
+        ray.get([e.update_weights_from_disk.remote(path, version, rt.in_flight) for e in engines])
+    return version
+
+
+def evaluate(recipe: Recipe, worker, step: int) -> float:
+    """Mean reward of greedy (or recipe.eval.temperature) episodes on the held-out eval seeds."""
+    ev = recipe.eval
+    lo, hi = recipe.env.eval_seeds
+    seeds = list(range(lo, min(hi, lo + ev.episodes)))
+    sampling = SamplingParams(temperature=ev.temperature, max_new_tokens=recipe.rollout.max_new_tokens)
+    trajs, _ = ray.get(worker.run.remote(seeds, ev.samples, sampling, recipe.rollout.concurrency,
+                                         recipe.rollout.max_total_tokens))
+    return float(np.mean([t.reward for t in trajs]))
+
