@@ -62,7 +62,7 @@ def warm_up(model, demos: list[Trajectory], steps: int, batch_size: int = 32, lr
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses = []
-    for _ in tqdm(range(steps), desc="warm-up", disable=not progress, leave=False):
+    for _ in tqdm(range(steps), desc="warm-up", disable=None if progress else True, leave=False):
         batch = rng.sample(demos, min(batch_size, len(demos)))
         mb = build_batch(batch, None, "packed", max(len(t) for t in batch), with_routing=False)
         logits = model(mb.input_ids, segment_ids=mb.segment_ids).logits

@@ -66,11 +66,14 @@ class CalculatorEnv(ToolEnv):
     tools = [calc]
     system_prompt = "Use the calc tool for arithmetic, then state the final answer as a number."
 
-    def __init__(self, compact: bool = False, digits: int = 3, word_problems: bool = True, **kwargs):
+    def __init__(self, compact: bool = False, digits: int = 3, word_problems: bool = True, demo_flaw: float = 0.0,
+                 **kwargs):
+        """demo_flaw: fraction of subtraction *demonstrations* that swap the operands (a systematic
+        mistake in the warm-up data, which RL can then correct; rewards are unaffected)."""
         super().__init__(**kwargs)
-        if not 1 <= digits <= 6:
-            raise ValueError("digits must be in 1..6")
-        self.digits, self.word_problems = digits, word_problems
+        if not 1 <= digits <= 6 or not 0 <= demo_flaw <= 1:
+            raise ValueError("digits must be in 1..6 and demo_flaw in [0, 1]")
+        self.digits, self.word_problems, self.demo_flaw = digits, word_problems, demo_flaw
         if compact:
             self.system_prompt, self.tools_in_prompt = _COMPACT, False
 
@@ -80,7 +83,8 @@ class CalculatorEnv(ToolEnv):
         if not self.word_problems or rng.random() < 0.5:
             op, b = ["+", "−", "×"][int(rng.integers(3))], int(rng.integers(top // 10, top))
             question, answer = f"What is {a} {op} {b}?", {"+": a + b, "−": a - b, "×": a * b}[op]
-            expr = f"{a} {dict(zip('+−×', '+-*'))[op]} {b}"
+            flawed = op == "−" and rng.random() < self.demo_flaw
+            expr = f"{b} - {a}" if flawed else f"{a} {dict(zip('+−×', '+-*'))[op]} {b}"
         else:
             k = int(rng.integers(len(_WORD_PROBLEMS)))
             template, fn = _WORD_PROBLEMS[k]
@@ -90,9 +94,11 @@ class CalculatorEnv(ToolEnv):
         return Task(messages=[{"role": "user", "content": question}], answer=answer, info={"expr": expr})
 
     def demonstration(self, task) -> list[str]:
-        """A correct episode's assistant turns: call calc, then state the answer."""
+        """A scripted episode's assistant turns: call calc, then state its result (correct unless
+        the task was drawn as a flawed demonstration, see demo_flaw)."""
         call = json.dumps({"name": "calc", "arguments": {"expr": task.info["expr"]}})
-        return [f"<tool_call>\n{call}\n</tool_call>", f"The answer is {task.answer}."]
+        result = calc.fn(task.info["expr"])
+        return [f"<tool_call>\n{call}\n</tool_call>", f"The answer is {result}."]
 
     def reward(self, task, history, final_text) -> float:
         numbers = _NUMBER.findall(final_text)

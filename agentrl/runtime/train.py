@@ -71,7 +71,7 @@ def _staleness(traj, version: int) -> int:
     return version - int(gen.min()) if gen.size else 0
 
 
-def train(recipe: Recipe, resume: bool = False, kill_after_step: int | None = None) -> dict:
+def train(recipe: Recipe, resume: bool = False) -> dict:
     run = run_dir(recipe)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(dump_yaml(recipe))
@@ -92,12 +92,20 @@ def train(recipe: Recipe, resume: bool = False, kill_after_step: int | None = No
     weights_dir = run / "weights"
     weights_dir.mkdir(exist_ok=True)
     e = recipe.engine
-    engines = [Engine.remote(model_dir, str(weights_dir), e.backend, e.dtype, e.max_total_tokens, e.chunk_size, e.url,
-                             e.sglang_python, e.sglang_args, 30000 + i) for i in range(e.num_engines)]
-    workers = [Worker.remote(model_dir, recipe.env.id, recipe.env.kwargs, engines, layout, ro.simulated_tool_latency)
-               for _ in range(ro.workers)]
-    learner = Learner.remote(model_dir, recipe.learner.to_learner_config(), str(weights_dir),
-                             1 if rt.mode == "async" else 0, recipe.seed)
+    need = e.num_engines + 1  # engines and the learner compute; rollout workers are I/O (num_cpus=0)
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        raise RuntimeError(f"the Ray cluster has {have:g} CPUs; {e.num_engines} engine(s) + the learner need {need}. "
+                           "Lower engine.num_engines or give Ray more CPUs (runtime.num_cpus / ray start --num-cpus).")
+    tag = f"agentrl:{recipe.name}:{os.getpid()}:{time.time_ns()}"  # actor names: findable, never reused
+    engines = [Engine.options(name=f"{tag}:engine:{i}").remote(
+        model_dir, str(weights_dir), e.backend, e.dtype, e.max_total_tokens, e.chunk_size, e.url, e.sglang_python,
+        e.sglang_args, 30000 + i) for i in range(e.num_engines)]
+    workers = [Worker.options(name=f"{tag}:worker:{i}").remote(
+        model_dir, recipe.env.id, recipe.env.kwargs, engines, layout, ro.simulated_tool_latency)
+        for i in range(ro.workers)]
+    learner = Learner.options(name=f"{tag}:learner").remote(
+        model_dir, recipe.learner.to_learner_config(), str(weights_dir), 1 if rt.mode == "async" else 0, recipe.seed)
 
     # ---- controller state (checkpointed)
     state = {"step": 0, "next_group": 0, "trained_groups": [], "samples": 0}
@@ -177,10 +185,8 @@ def train(recipe: Recipe, resume: bool = False, kill_after_step: int | None = No
         logger.log(state["step"], metrics)
         state.update(next_group=min([g for g, _ in buffer] + [g for gs, _ in jobs.values() for g in gs] + [next_group]),
                      trained_groups=sorted(trained), samples=state["samples"] + len(trajs))
-        if rt.checkpoint_every and (state["step"] % rt.checkpoint_every == 0 or state["step"] == rt.steps):
+        if state["step"] == rt.steps or (rt.checkpoint_every and state["step"] % rt.checkpoint_every == 0):
             ray.get(learner.save_checkpoint.remote(str(run / "checkpoints" / f"step_{state['step']}"), dict(state)))
-        if kill_after_step is not None and state["step"] >= kill_after_step:
-            os._exit(9)  # test hook: die like kill -9 right after this step
     summary = {"steps": state["step"], "trained_groups": sorted(trained), **counters}
     if recipe.eval:
         summary["final_eval_reward"] = evaluate(recipe, workers[0], state["step"])
