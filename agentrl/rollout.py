@@ -128,10 +128,12 @@ def _trajectory(tokens, mask, logprobs, versions, routing, reward, status, turn_
 async def run_episodes(engines: InferenceEngine | Sequence[InferenceEngine], make_env: Callable[[], object],
                        tokenizer, sampling: SamplingParams, seeds: Sequence[int], group_size: int = 1,
                        concurrency: int = 64, layout: RoutingLayout | None = None, max_total_tokens: int = 4096,
-                       progress: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
+                       progress: Callable[[Trajectory], None] | None = None,
+                       abort_retries: int = 3) -> list[Trajectory]:
     """`group_size` episodes per task seed (a GRPO group: same task, so the same prompt prefix, which
     the engine's radix cache shares), at most `concurrency` at once, engines used round-robin.
-    Returns trajectories in (seed, sample) order."""
+    An episode whose request the engine aborted (a weight update with in_flight="abort") is played
+    again from the start, up to `abort_retries` times. Returns trajectories in (seed, sample) order."""
     engines = list(engines) if isinstance(engines, Sequence) else [engines]
     sem = asyncio.Semaphore(concurrency)
     rr = itertools.cycle(engines)
@@ -142,8 +144,12 @@ async def run_episodes(engines: InferenceEngine | Sequence[InferenceEngine], mak
         samp = sampling if sampling.seed is None else dataclasses.replace(
             sampling, seed=sampling.seed + 1_000_003 * seed + 7919 * k)
         async with sem:
-            traj = await run_episode(eng, make_env(), tokenizer, samp, seed=seed, layout=layout,
-                                     max_total_tokens=max_total_tokens, group_id=str(seed))
+            for attempt in range(abort_retries + 1):
+                traj = await run_episode(eng, make_env(), tokenizer, samp, seed=seed, layout=layout,
+                                         max_total_tokens=max_total_tokens, group_id=str(seed))
+                if not str(traj.info.get("error", "")).startswith("aborted"):
+                    break
+            traj.info["attempts"] = attempt + 1
         if progress is not None:
             progress(traj)
         return traj

@@ -171,3 +171,26 @@ def test_validation_rejects_broken_trajectories(ckpt, tok):
     dup[3, 1] = [4, 4]
     with pytest.raises(TrajectoryError, match="duplicate"):
         dataclasses.replace(t, routing=dataclasses.replace(t.routing, experts=dup)).validate(layout)
+
+
+def test_episodes_aborted_by_a_weight_update_are_played_again(ckpt, tok):
+    layout = RoutingLayout.from_config(load_pretrained(ckpt).config)
+    with Engine.from_pretrained(ckpt, dtype="float32") as eng:
+        state = load_pretrained(ckpt).state_dict()
+
+        async def go():
+            task = asyncio.ensure_future(run_episodes(
+                eng, lambda: ChatterEnv(turns=3), tok, SamplingParams(max_new_tokens=40, ignore_eos=True),
+                seeds=[1, 2], group_size=2, layout=layout))
+            while eng.counters["decoded_tokens"] < 20:
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(eng.update_weights_from_state_dict, state, "abort")
+            return await task
+
+        trajs = asyncio.run(go())
+    assert eng.counters["aborted"] > 0
+    assert all(t.status == "ok" for t in trajs)
+    assert max(t.info["attempts"] for t in trajs) >= 2
+    for t in trajs:
+        t.validate(layout)
+        assert set(t.versions[t.loss_mask].tolist()) == {1}  # replayed wholly on the new weights

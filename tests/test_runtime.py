@@ -113,7 +113,8 @@ def test_kill_9_during_training_then_resume(tmp_path):
     path = recipe_file(tmp_path, "crash", runtime={"steps": 6, "checkpoint_every": 2, "eval_every": 0}, eval=None)
     run = tmp_path / "runs" / "crash"
     agentrl = str(Path(sys.executable).with_name("agentrl"))
-    env = {**os.environ, "TQDM_DISABLE": "1", "RAY_ADDRESS": ""}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["TQDM_DISABLE"] = "1"
     proc = subprocess.Popen([agentrl, "train", str(path)], start_new_session=True, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = run / "checkpoints" / "LATEST"

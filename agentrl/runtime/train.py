@@ -82,7 +82,9 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     model_dir = prepare_model(recipe, run)
 
     if not ray.is_initialized():
-        ray.init(address=rt.address or os.environ.get("RAY_ADDRESS"), num_cpus=rt.num_cpus,
+        if os.environ.get("RAY_ADDRESS") == "":
+            del os.environ["RAY_ADDRESS"]  # set but empty: a local cluster, not an invalid address
+        ray.init(address=rt.address or os.environ.get("RAY_ADDRESS") or None, num_cpus=rt.num_cpus,
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
     Engine, Worker, Learner = remote_classes(rt.max_restarts)
     from agentrl.model import load_config
