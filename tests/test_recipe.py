@@ -34,13 +34,15 @@ def test_every_recipe_validates(path):
     assert run_dir(recipe) == Path(recipe.output.dir) / recipe.name
 
 
-def test_quickstart_contents():
+def test_quickstart_is_what_the_readme_promises():
+    """Invariants, not values: a from-scratch MoE, warm-up then async RL with R3 and evaluation."""
     r = load_recipe(QUICKSTART)
-    assert (r.name, r.model.init.preset, r.env.id, r.env.kwargs) == ("quickstart", "tiny-moe", "calculator-v0",
-                                                                     {"compact": True})
-    assert (r.learner.agg, r.learner.agg_constant, r.learner.replay, r.learner.lr) == ("token-sum-norm", 64, "R3", 2e-4)
-    assert (r.runtime.mode, r.runtime.steps, r.runtime.max_staleness, r.warmup.steps) == ("async", 120, 1, 300)
-    assert (r.eval.episodes, r.eval.temperature, r.rollout.max_new_tokens) == (64, 0.0, 40)
+    assert r.name == "quickstart" and r.model.init is not None and r.model.path is None
+    assert r.model.init.preset in ("tiny-moe", "tiny-moe-sigmoid") and r.warmup is not None
+    assert r.learner.replay == "R3" and r.runtime.mode == "async" and r.engine.backend == "embedded"
+    assert r.engine.dtype != "float32"  # a real training-inference precision gap for R3 to remove
+    assert r.eval is not None and r.runtime.eval_every > 0 and r.eval.temperature == 0.0
+    assert r.env.kwargs.get("compact") is True
 
 
 def test_gpu_recipes():
@@ -104,11 +106,12 @@ def test_missing_required_sections():
 
 
 def test_overrides_apply(tmp_path):
+    base = load_recipe(QUICKSTART)
     r = load_recipe(QUICKSTART, ["learner.lr=1e-4", "runtime.mode=sync", "env.kwargs.hops=3",
                                  "engine.sglang_args=[--tp,8]", "env.train_seeds=[0,100]", "warmup=null",
                                  "learner.correction_kwargs={cap: 3}"])
     assert r.learner.lr == 1e-4 and r.runtime.mode == "sync"
-    assert r.env.kwargs == {"compact": True, "hops": 3}
+    assert r.env.kwargs == {**base.env.kwargs, "hops": 3}
     assert r.engine.sglang_args == ["--tp", "8"]  # flags are text even when YAML reads a number
     assert r.env.train_seeds == (0, 100) and r.warmup is None
     assert r.learner.to_learner_config().correction_kwargs == {"cap": 3}
