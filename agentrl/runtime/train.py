@@ -72,6 +72,9 @@ def _staleness(traj, version: int) -> int:
 
 
 def train(recipe: Recipe, resume: bool = False) -> dict:
+    if recipe.learner.backend != "torch":
+        raise NotImplementedError(f"learner.backend={recipe.learner.backend!r} is not implemented yet (the megatron-core "
+                                  "backend is a separate issue); use learner.backend=torch")
     run = run_dir(recipe)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(dump_yaml(recipe))

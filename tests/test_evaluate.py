@@ -1,0 +1,59 @@
+"""`agentrl eval`: reference policies validate the harness; the model policy runs on the embedded engine."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agentrl.evaluate import evaluate
+from agentrl.model.checkpoint import init_model
+from agentrl.recipe import parse_recipe
+
+
+def recipe(tmp_path, **env_kwargs):
+    ckpt = init_model("tiny-moe", tmp_path / "m")
+    return parse_recipe({
+        "name": "ev", "model": {"path": str(ckpt)}, "runtime": {"steps": 1},
+        "env": {"id": "calculator-v0", "kwargs": {"compact": True, **env_kwargs}},
+        "rollout": {"max_new_tokens": 24, "max_total_tokens": 512},
+        "eval": {"episodes": 12, "samples": 2}, "output": {"dir": str(tmp_path / "runs")},
+    })
+
+
+def test_gold_scores_100_and_noop_0(tmp_path):
+    r = recipe(tmp_path)
+    gold = evaluate(r, policy="gold", progress=False)
+    noop = evaluate(r, policy="noop", progress=False)
+    assert gold["reward_mean"] == 1.0 and gold["pass@2"] == 1.0 and gold["episodes"] == 24
+    assert noop["reward_mean"] == 0.0 and noop["pass@2"] == 0.0
+    lines = (tmp_path / "runs" / "ev" / "eval" / "episodes_gold.jsonl").read_text().splitlines()
+    assert len(lines) == 24 and all(json.loads(x)["reward"] == 1.0 for x in lines)
+    # a flawed demonstration set is measurably wrong (the quickstart's warm-up data)
+    flawed = evaluate(recipe(tmp_path / "f", demo_flaw=1.0, digits=2, word_problems=False), policy="gold",
+                      progress=False)
+    assert 0 < flawed["reward_mean"] < 1
+
+
+def test_model_policy_through_the_cli(tmp_path):
+    r = recipe(tmp_path)
+    path = tmp_path / "ev.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(r.resolved()))
+    out = subprocess.run([str(Path(sys.executable).with_name("agentrl")), "eval", str(path)], capture_output=True,
+                         text=True, timeout=300, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    assert summary["policy"] == "model" and summary["episodes"] == 24
+    assert sum(summary["status"].values()) == 24 and 0.0 <= summary["reward_mean"] <= 1.0
+
+
+def test_megatron_backend_is_refused_clearly(tmp_path):
+    from agentrl.recipe import load_recipe
+    from agentrl.runtime.train import train
+
+    r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "qwen3_30b_a3b_r3.yaml")
+    with pytest.raises(NotImplementedError, match="megatron"):
+        train(r)
