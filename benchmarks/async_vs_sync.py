@@ -21,8 +21,8 @@ from agentrl.runtime.logging import read_metrics
 from agentrl.runtime.train import train
 
 
-def run(recipe_path: str, mode: str, steps: int, latency: float, out: str) -> tuple[float, float]:
-    recipe = load_recipe(recipe_path, [
+def run(recipe_path: str, mode: str, steps: int, latency: float, out: str, staleness: int) -> tuple[float, float]:
+    recipe = load_recipe(recipe_path, [f"runtime.max_staleness={staleness}",
         f"name=bench-{mode}", f"runtime.mode={mode}", f"runtime.steps={steps}", "runtime.eval_every=0",
         "runtime.checkpoint_every=0", "eval=null", "warmup=null", f"rollout.simulated_tool_latency={latency}",
         f"output.dir={out}", "output.console=quiet", "output.plots=false", "output.tensorboard=false",
@@ -39,11 +39,14 @@ def main() -> None:
     ap.add_argument("--recipe", default="recipes/quickstart.yaml")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--latency", type=float, default=0.5, help="seconds added to every env step")
+    ap.add_argument("--max-staleness", type=int, default=None, help="async look-ahead (default: the recipe's)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as out:
-        res = {mode: run(args.recipe, mode, args.steps, args.latency, out) for mode in ("sync", "async")}
+        staleness = args.max_staleness if args.max_staleness is not None else load_recipe(args.recipe).runtime.max_staleness
+        res = {mode: run(args.recipe, mode, args.steps, args.latency, out, staleness) for mode in ("sync", "async")}
         ray.shutdown()
-    print(f"recipe {args.recipe}, {args.steps} updates, simulated tool latency {args.latency}s per env step")
+    print(f"recipe {args.recipe}, {args.steps} updates, simulated tool latency {args.latency}s per env step, "
+          f"async max_staleness {staleness}")
     print(f"{'mode':<8}{'samples/s':>12}{'wall (s)':>10}{'ratio':>8}")
     for mode, (sps, wall) in res.items():
         print(f"{mode:<8}{sps:>12.2f}{wall:>10.1f}{sps / res['sync'][0]:>8.2f}")

@@ -124,7 +124,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     capacity = ro.prompts_per_step * ((rt.max_staleness + 1) if rt.mode == "async" else 1)
     jobs: dict = {}  # ObjectRef -> (groups, worker index)
     buffer: deque = deque()  # (group index, trajectories)
-    counters = {"dropped_stale": 0, "jobs_retried": 0}
+    counters = {"dropped_stale": 0, "regenerated_stale": 0, "jobs_retried": 0}
     next_group = state["next_group"]
     version = state["step"]
     last_t, samples_since = time.perf_counter(), 0
@@ -146,6 +146,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             next_group += 1
             in_flight += 1
 
+    bar = logger.progress(total=rt.steps * ro.prompts_per_step, desc="rollout groups")
+    bar.update(state["step"] * ro.prompts_per_step)
     if state["step"] == 0 and recipe.eval and rt.eval_every:
         logger.log(0, {"eval_reward": evaluate(recipe, workers[0], state["step"])})
     while state["step"] < rt.steps:
@@ -163,10 +165,14 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             for i, g in enumerate(groups):
                 group = trajs[i * ro.group_size:(i + 1) * ro.group_size]
                 if max(_staleness(t, version) for t in group) > rt.max_staleness:
-                    counters["dropped_stale"] += 1
-                    trained.discard(g)
+                    if rt.stale_policy == "wait":  # the group waits for fresh weights: generated again
+                        counters["regenerated_stale"] += 1
+                        submit([g], g)
+                    else:
+                        counters["dropped_stale"] += 1
                     continue
                 buffer.append((g, group))
+                bar.update(1)
         if len(buffer) < ro.prompts_per_step:
             continue
         # ---- one learner update
@@ -192,6 +198,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
                      trained_groups=sorted(trained), samples=state["samples"] + len(trajs))
         if state["step"] == rt.steps or (rt.checkpoint_every and state["step"] % rt.checkpoint_every == 0):
             ray.get(learner.save_checkpoint.remote(str(run / "checkpoints" / f"step_{state['step']}"), dict(state)))
+    bar.close()
     summary = {"steps": state["step"], "trained_groups": sorted(trained), **counters}
     if recipe.eval:
         summary["final_eval_reward"] = evaluate(recipe, workers[0], state["step"])
