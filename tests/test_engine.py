@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from agentrl.engine.engine import Engine, EngineConfig
+from agentrl.engine.engine import Engine
 from agentrl.engine.radix import RadixCache
 from agentrl.engine.types import GenerateRequest, RequestError, SamplingParams
 from agentrl.model import load_pretrained
@@ -247,3 +247,13 @@ def test_radix_cache_match_insert_split_lock_evict():
     t.unlock(locked)
     assert sorted(t.evict(1)) == [13]  # LRU leaf first; one token asked, the whole leaf goes
     assert sorted(t.flush()) == [10, 11, 12] and t.num_tokens == 0
+
+
+def test_weights_of_another_architecture_are_refused(ckpt, tmp_path):
+    dense = init_model("tiny-dense", tmp_path / "dense")
+    with engine(ckpt) as eng:
+        with pytest.raises(RequestError, match="different architecture"):
+            eng.update_weights_from_disk(dense)
+        assert eng.version == 0
+        other_ids = init_model("tiny-moe", tmp_path / "same", seed=3, initializer_range=0.08)
+        assert eng.update_weights_from_disk(other_ids) == 1  # same architecture, new weights: accepted

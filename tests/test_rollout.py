@@ -5,7 +5,6 @@ import asyncio
 import gymnasium
 import numpy as np
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from agentrl.engine.engine import Engine

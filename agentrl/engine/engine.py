@@ -200,9 +200,8 @@ class Engine:
                                  version: int | None = None) -> int:
         from agentrl.model.checkpoint import load_config
 
-        if load_config(path) != self.config.replace(eos_token_id=load_config(path).eos_token_id,
-                                                     pad_token_id=load_config(path).pad_token_id,
-                                                     bos_token_id=load_config(path).bos_token_id):
+        ids = dict(eos_token_id=None, pad_token_id=None, bos_token_id=None)  # special-token ids may differ
+        if load_config(path).replace(**ids) != self.config.replace(**ids):
             raise RequestError(f"checkpoint {path} has a different architecture than the served model")
         state = read_state_dict(path)
         out = self.update_weights_from_state_dict(state, in_flight, version)
