@@ -222,6 +222,22 @@ class ToolEnv(gymnasium.Env[list[Message], str]):
         """Per-turn shaping reward (default 0)."""
         return 0.0
 
+    def num_tasks(self) -> int | None:
+        """Finite task sets (SWE instances, question sets) return their size; then ``task`` must honour
+        ``options["task_index"]`` in ``range(num_tasks())`` (evaluation visits each task once) and
+        otherwise draw an index from ``rng``. Procedural envs return None (evaluation uses seeds)."""
+        return None
+
+    def episode_metrics(self) -> dict[str, float]:
+        """Numbers describing the finished episode for evaluation summaries (averaged over episodes),
+        e.g. ``{"em": 1.0, "f1": 1.0, "searches": 2}``. Called once the episode has ended."""
+        return {}
+
+    def episode_artifacts(self) -> dict[str, str]:
+        """Files worth keeping for the finished episode (file name -> text), written by evaluation
+        next to its record, e.g. ``{"patch.diff": ..., "test_log.txt": ...}``."""
+        return {}
+
     def demonstration(self, task: Task) -> list[str]:
         """Optional: the assistant turns of a correct episode (for supervised warm-up and as a
         scripted reference policy, agentrl.sft). Envs that cannot script one leave this unimplemented."""
