@@ -4,7 +4,7 @@
     agentrl demo [--out runs/demo]                       foundation demo: rows, wire format, R3 replay
     agentrl serve --model DIR --port P                   the embedded engine behind SGLang's HTTP API
     agentrl train RECIPE [key.sub=value ...] [--resume]  the RL run a recipe describes (Ray, async or sync)
-    agentrl eval RECIPE [--policy model|gold|noop] [--base-url URL]
+    agentrl eval RECIPE [--policy model|gold|noop] [--base-url URL [--api sglang|openai]]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from agentrl.evaluate import evaluate
 
-    summary = evaluate(_load(args), policy=args.policy, base_url=args.base_url, model_dir=args.model)
+    summary = evaluate(_load(args), policy=args.policy, base_url=args.base_url, model_dir=args.model, api=args.api)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -134,12 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate a policy on the recipe's held-out tasks",
-                       description="Episodes on env.eval_seeds; per-episode records and a summary in runs/<name>/eval/.")
+                       description="Episodes on env.eval_seeds (or each task of a finite task set); per-episode records, "
+                       "artifacts and a summary in runs/<name>/eval/.")
     e.add_argument("recipe")
     e.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     e.add_argument("--policy", choices=["model", "gold", "noop"], default=None, help="default: the recipe's eval.policy")
     e.add_argument("--base-url", default=None, help="an SGLang-compatible server (agentrl serve, SGLang) instead of "
                                                    "the embedded engine")
+    e.add_argument("--api", choices=["sglang", "openai"], default=None,
+                   help="API of --base-url: sglang = native /generate (default), openai = /v1/chat/completions")
     e.add_argument("--model", default=None, help="checkpoint to evaluate (default: the run's latest)")
     e.set_defaults(func=_eval)
     return p

@@ -301,7 +301,7 @@ class OutputSpec(_Spec):
 
 
 class EvalSpec(_Spec):
-    """Periodic evaluation on env.eval_seeds."""
+    """Evaluation: on env.eval_seeds, or on the first `episodes` tasks of an env with a finite task set."""
 
     policy: Literal["model", "gold", "noop"] = Field("model", description="model: the current weights; gold: the "
                                                      "env's scripted solution; noop: answer nothing (reward floor)")
@@ -309,6 +309,10 @@ class EvalSpec(_Spec):
     samples: int = Field(1, ge=1, description="samples per evaluation task (pass@k style)")
     temperature: float = Field(0.0, ge=0, description="sampling temperature (0 = greedy)")
     base_url: str | None = Field(None, description="evaluate against this server instead of the run's engines")
+    api: Literal["sglang", "openai"] = Field("sglang", description="the server's API: sglang = native /generate "
+                                             "(agentrl serve, SGLang; token-level episodes); openai = any "
+                                             "OpenAI-compatible /v1/chat/completions endpoint (message-level)")
+    model_name: str | None = Field(None, description="`model` field sent to an OpenAI-compatible endpoint")
 
 
 # --------------------------------------------------------------------------------------- recipe

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from agentrl.env import Task, ToolEnv
 from agentrl.evaluate import evaluate
 from agentrl.model.checkpoint import init_model
 from agentrl.recipe import parse_recipe
@@ -57,3 +58,44 @@ def test_megatron_backend_is_refused_clearly(tmp_path):
     r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "qwen3_30b_a3b_r3.yaml")
     with pytest.raises(NotImplementedError, match="megatron"):
         train(r)
+
+
+class IndexedEnv(ToolEnv):
+    """A finite task set: task i asks for the number i; the answer ends the episode."""
+
+    def num_tasks(self):
+        return 5
+
+    def task(self, rng, options):
+        i = options["task_index"] if "task_index" in options else int(rng.integers(5))
+        self.index = i
+        return Task(messages=[{"role": "user", "content": f"Say {i}."}], answer=str(i), id=f"t{i}")
+
+    def reward(self, task, history, final_text):
+        return float(final_text.strip() == task.answer)
+
+    def demonstration(self, task):
+        return [task.answer]
+
+    def episode_metrics(self):
+        return {"index": self.index, "answered": float(self.history[-1]["role"] == "assistant")}
+
+    def episode_artifacts(self):
+        return {"note.txt": f"task {self.index}: " + self.history[-1]["content"]}
+
+
+def test_finite_task_set_visits_each_task_once_per_sample(tmp_path):
+    ckpt = init_model("tiny-moe", tmp_path / "m")
+    r = parse_recipe({"name": "fin", "model": {"path": str(ckpt)}, "runtime": {"steps": 1},
+                      "env": {"id": "test_evaluate:IndexedEnv"}, "eval": {"episodes": 100, "samples": 3},
+                      "output": {"dir": str(tmp_path / "runs")}})
+    s = evaluate(r, policy="gold", progress=False)
+    assert s["tasks"] == 5 and s["episodes"] == 15 and s["reward_mean"] == 1.0 and s["pass@3"] == 1.0
+    assert s["index_mean"] == sum(range(5)) / 5 and s["answered_mean"] == 1.0
+    out = tmp_path / "runs" / "fin" / "eval"
+    recs = [json.loads(x) for x in (out / "episodes_gold.jsonl").read_text().splitlines()]
+    assert sorted((x["task"], x["sample"]) for x in recs) == sorted((f"task{i}", k) for i in range(5) for k in range(3))
+    for i in range(5):
+        assert (out / "gold" / f"task{i}_2" / "note.txt").read_text() == f"task {i}: {i}"
+    noop = evaluate(r, policy="noop", progress=False)
+    assert noop["reward_mean"] == 0.0 and noop["tasks"] == 5

@@ -15,6 +15,8 @@ client (`agentrl.engine.client.EngineClient`) and tools work against this server
 * ``GET /health``, ``GET /health_generate``, ``GET /get_model_info`` (plus an ``agentrl`` block with
   the routing layout), ``GET /get_server_info``, ``POST|GET /flush_cache`` (plain text, as SGLang),
   ``POST /update_weights_from_disk``, ``POST /abort_request``.
+* ``POST /v1/chat/completions`` and ``GET /v1/models``: the OpenAI-compatible chat API with native
+  tool calls (agentrl.engine.openai_api), as SGLang also serves.
 * Errors are ``{"error": {"message", "code"}}`` with a 4xx status for a bad request (malformed JSON,
   wrong types, unknown sampling keys, too long a prompt, body over ``max_request_bytes`` -> 413,
   batch over ``max_batch``) and 500 for an unexpected engine exception; the server keeps serving.
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from agentrl.engine.openai_api import add_routes as add_openai_routes
 from agentrl.engine.types import GenerateOutput, GenerateRequest, RequestError, SamplingParams
 from agentrl.routing import encode_wire, moe_to_wire
 
@@ -502,6 +505,7 @@ def create_app(
     app.router.add_route("GET", "/flush_cache", flush_cache)
     app.router.add_post("/update_weights_from_disk", update_weights_from_disk)
     app.router.add_post("/abort_request", abort_request)
+    add_openai_routes(app, _ENGINE_KEY, _read_json)
     return app
 
 
