@@ -410,3 +410,4 @@ def make(spec: str, **kwargs: Any) -> ToolEnv:
 
 register("calculator-v0", "envs.calculator:CalculatorEnv")
 register("kvstore-v0", "envs.kvstore:KVStoreEnv")
+register("browse-v0", "envs.browse.env:BrowseEnv")
