@@ -145,17 +145,23 @@ class RolloutWorkerImpl:
 
 
 class LearnerActorImpl:
-    """The torch learner plus publishing and checkpoints (HF layout + trainer state)."""
+    """The learner (torch or megatron-core backend) plus publishing and checkpoints (HF layout + trainer state)."""
 
-    def __init__(self, model_dir: str, learner_cfg, weights_dir: str, threads: int = 0, seed: int = 0) -> None:
-        from agentrl.learner.learner import TorchLearner
+    def __init__(self, model_dir: str, learner_cfg, weights_dir: str, threads: int = 0, seed: int = 0,
+                 backend: str = "torch") -> None:
         from agentrl.model import load_pretrained
 
         if threads:
             torch.set_num_threads(threads)
         torch.manual_seed(seed)
         self.model_dir = model_dir
-        self.learner = TorchLearner(load_pretrained(model_dir), learner_cfg)
+        if backend == "megatron":
+            from agentrl.learner.mcore import MegatronLearner as learner_cls
+        elif backend == "torch":
+            from agentrl.learner.learner import TorchLearner as learner_cls
+        else:
+            raise ValueError(f"unknown learner backend {backend!r} (torch | megatron)")
+        self.learner = learner_cls(load_pretrained(model_dir), learner_cfg)
         self.weights_dir = Path(weights_dir)
 
     def train_step(self, trajs) -> dict:

@@ -72,9 +72,6 @@ def _staleness(traj, version: int) -> int:
 
 
 def train(recipe: Recipe, resume: bool = False) -> dict:
-    if recipe.learner.backend != "torch":
-        raise NotImplementedError(f"learner.backend={recipe.learner.backend!r} is not implemented yet (the megatron-core "
-                                  "backend is a separate issue); use learner.backend=torch")
     run = run_dir(recipe)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(dump_yaml(recipe))
@@ -110,7 +107,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         model_dir, recipe.env.id, recipe.env.kwargs, engines, layout, ro.simulated_tool_latency)
         for i in range(ro.workers)]
     learner = Learner.options(name=f"{tag}:learner").remote(
-        model_dir, recipe.learner.to_learner_config(), str(weights_dir), 1 if rt.mode == "async" else 0, recipe.seed)
+        model_dir, recipe.learner.to_learner_config(), str(weights_dir), 1 if rt.mode == "async" else 0, recipe.seed,
+        recipe.learner.backend)
 
     # ---- controller state (checkpointed)
     state = {"step": 0, "next_group": 0, "trained_groups": [], "samples": 0}
@@ -199,7 +197,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         if state["step"] == rt.steps or (rt.checkpoint_every and state["step"] % rt.checkpoint_every == 0):
             ray.get(learner.save_checkpoint.remote(str(run / "checkpoints" / f"step_{state['step']}"), dict(state)))
     bar.close()
-    summary = {"steps": state["step"], "trained_groups": sorted(trained), **counters}
+    summary = {"steps": state["step"], "trained_groups": sorted(trained), **counters,
+               "ray": {"gcs_address": ray.get_runtime_context().gcs_address, "nodes": len(ray.nodes())}}
     if recipe.eval:
         summary["final_eval_reward"] = evaluate(recipe, workers[0], state["step"])
     summary["plots"] = [str(p) for p in logger.finish()]

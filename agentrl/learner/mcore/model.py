@@ -1,0 +1,201 @@
+"""A megatron-core GPTModel built from agentrl's `MoEConfig`, and the process groups it needs.
+
+Owns: `check_supported` (which MoEConfig variants megatron-core computes exactly, with a clear error
+for the rest), `transformer_config` (MoEConfig -> megatron's TransformerConfig), `init_parallel`
+(gloo process group + megatron's model-parallel state), `build_gpt` (GPTModel from the local spec:
+no Transformer Engine, no Apex) and `McoreCausalLM`, which wraps the GPTModel so the rest of agentrl
+sees a model with HF parameter names (`config`, `state_dict`, `load_state_dict`) and our batch
+layouts (`forward(input_ids, attention_mask=, segment_ids=)`).
+Does not own: weight-name conversion (convert.py), routing replay (replay.py), training (learner.py).
+
+Layouts. megatron-core's local attention takes a boolean mask (True = masked) and applies RoPE by
+row offset (it ignores position ids). A padded batch is right-padded, so row offsets are the
+positions; a packed row gets a block-diagonal causal mask, and since RoPE attention depends only on
+the distance between query and key, restarting positions per segment changes nothing.
+Hidden states inside megatron are sequence-first `[S, B, H]`; routers see tokens in that order.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agentrl.learner.megatron_shim import apply_cpu_shim
+from agentrl.model.config import MoEConfig
+from agentrl.model.modeling import CausalLMOutput, build_attention_mask
+
+
+@dataclass(frozen=True)
+class McoreParallel:
+    """Model-parallel sizes handed to megatron's `initialize_model_parallel` (world = tp * ep * pp * dp)."""
+
+    tensor: int = 1
+    expert: int = 1
+    pipeline: int = 1
+
+
+def check_supported(cfg: MoEConfig) -> None:
+    """Raise ValueError for a config megatron-core would compute differently from MoEForCausalLM."""
+    problems = []
+    if cfg.router_scoring == "sigmoid" and not cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
+        problems.append("sigmoid routers always renormalise the top-k in megatron-core (needs norm_topk_prob=true)")
+    if cfg.router_selection_bias and cfg.router_scoring != "sigmoid":
+        problems.append("a selection bias (expert_bias) needs sigmoid scoring in megatron-core")
+    if cfg.router_scoring == "softmax" and cfg.num_experts_per_tok == 1 and cfg.norm_topk_prob and cfg.moe_layers:
+        problems.append("top-1 softmax routing needs moe_router_pre_softmax in megatron-core (norm_topk_prob=false)")
+    if problems:
+        raise ValueError("MoEConfig not supported by the megatron-core backend: " + "; ".join(problems))
+
+
+def transformer_config(cfg: MoEConfig, parallel: McoreParallel = McoreParallel()):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    check_supported(cfg)
+    moe = {}
+    if cfg.moe_layers:
+        moe = dict(
+            num_moe_experts=cfg.num_experts,
+            moe_router_topk=cfg.num_experts_per_tok,
+            moe_ffn_hidden_size=cfg.moe_intermediate_size,
+            moe_layer_freq=[int(cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers)],
+            moe_router_score_function=cfg.router_scoring,
+            # softmax + renormalised top-k == softmax over the top-k logits (megatron's default order)
+            moe_router_pre_softmax=cfg.router_scoring == "softmax" and not cfg.norm_topk_prob,
+            moe_router_topk_scaling_factor=cfg.routed_scaling_factor if cfg.routed_scaling_factor != 1.0 else None,
+            moe_router_enable_expert_bias=cfg.router_selection_bias,
+            moe_shared_expert_intermediate_size=(cfg.moe_intermediate_size * cfg.n_shared_experts
+                                                 if cfg.n_shared_experts else None),
+            moe_router_load_balancing_type="none",  # the learner adds agentrl's aux loss on the used assignment
+            moe_aux_loss_coeff=0.0,
+            moe_token_dispatcher_type="allgather",  # alltoall creates a CUDA stream at build time
+            moe_router_dtype="fp32",
+            moe_enable_routing_replay=True,
+            moe_grouped_gemm=False,
+        )
+    return TransformerConfig(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_key_value_heads,
+        kv_channels=cfg.head_dim,
+        ffn_hidden_size=cfg.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.initializer_range,
+        params_dtype=torch.float32,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=False,  # weights always come from an HF checkpoint
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        tensor_model_parallel_size=parallel.tensor,
+        expert_model_parallel_size=parallel.expert,
+        pipeline_model_parallel_size=parallel.pipeline,
+        sequence_parallel=parallel.tensor > 1,
+        **moe,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_parallel(parallel: McoreParallel = McoreParallel()) -> None:
+    """A world-size-1 gloo process group (unless one exists) and megatron's parallel state. Idempotent."""
+    from megatron.core import parallel_state
+
+    apply_cpu_shim()
+    dist = torch.distributed
+    if not dist.is_initialized():
+        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl",
+                                init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    if parallel_state.model_parallel_is_initialized():
+        have = McoreParallel(parallel_state.get_tensor_model_parallel_world_size(),
+                             parallel_state.get_expert_model_parallel_world_size(),
+                             parallel_state.get_pipeline_model_parallel_world_size())
+        if have != parallel:
+            raise RuntimeError(f"megatron's parallel state is already initialised as {have}, not {parallel}")
+        return
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor,
+                                             pipeline_model_parallel_size=parallel.pipeline,
+                                             expert_model_parallel_size=parallel.expert)
+
+
+def build_gpt(cfg: MoEConfig, parallel: McoreParallel = McoreParallel()):
+    """A megatron-core GPTModel with agentrl's architecture (uninitialised weights: load them)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    init_parallel(parallel)
+    tcfg = transformer_config(cfg, parallel)
+    if cfg.moe_layers:
+        spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm")
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    before = len(RouterReplay.global_router_replay_instances)
+    gpt = GPTModel(tcfg, spec, vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_position_embeddings,
+                   position_embedding_type="rope", rotary_base=int(cfg.rope_theta),
+                   share_embeddings_and_output_weights=cfg.tie_word_embeddings, parallel_output=False)
+    # each router registered a RouterReplay in megatron's process-wide list; replay.py drives the
+    # instances of this model directly, so the global list must not keep them (or this model) alive
+    del RouterReplay.global_router_replay_instances[before:]
+    return gpt
+
+
+class McoreCausalLM(nn.Module):
+    """A megatron-core GPTModel seen as agentrl's causal LM: HF names in `state_dict()` /
+    `load_state_dict()` (what checkpoints and engines use), our batch layouts in `forward`."""
+
+    def __init__(self, cfg: MoEConfig, parallel: McoreParallel = McoreParallel()) -> None:
+        super().__init__()
+        from agentrl.learner.mcore.replay import McoreRoutingReplay
+
+        self.config = cfg
+        self.gpt = build_gpt(cfg, parallel)
+        self.routing_replay = McoreRoutingReplay.attach(self.gpt, cfg) if cfg.moe_layers else None
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # noqa: D102 - HF names, see convert.py
+        from agentrl.learner.mcore.convert import mcore_to_hf
+
+        return mcore_to_hf(self.gpt.state_dict(), self.config)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True):
+        from agentrl.learner.mcore.convert import hf_to_mcore
+
+        missing, unexpected = self.gpt.load_state_dict(hf_to_mcore(state, self.config), strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if strict and (missing or unexpected):
+            raise ValueError(f"weights do not match the megatron model: missing={missing}, unexpected={unexpected}")
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None, return_aux_loss: bool = False) -> CausalLMOutput:
+        """input_ids [B, S]; attention_mask [B, S] (1 = real, right padding); segment_ids [B, S] (packing)."""
+        b, s = input_ids.shape
+        allowed = build_attention_mask(attention_mask, segment_ids, s, input_ids.device)
+        mask = None if allowed is None else ~allowed
+        positions = torch.arange(s, device=input_ids.device).expand(b, s)
+        hook = self.routing_replay
+        if hook is not None:
+            hook.begin_forward(b, s, keep_scores=return_aux_loss)
+        logits = self.gpt(input_ids, positions, mask)  # [B, S, V]
+        aux = None
+        if return_aux_loss and hook is not None:
+            aux = hook.aux_loss(None if attention_mask is None else attention_mask.reshape(-1))
+        return CausalLMOutput(logits=logits, aux_loss=aux)

@@ -1,0 +1,87 @@
+"""CPU compatibility shim for megatron-core 0.16.1 (pinned in pyproject.toml), applied only without a GPU.
+
+Owns: `apply_cpu_shim()`, which patches the few places where megatron-core hard-codes CUDA so that
+a GPTModel built from the local (no Transformer Engine / Apex) spec runs forward, backward and
+AdamW on CPU with a gloo process group. Does not own: model building or training
+(megatron_learner.py). With a GPU present it does nothing at all, so nothing here can leak into a
+real run.
+
+The upstream lines it works around (megatron/core/..., version 0.16.1):
+  1. models/common/embeddings/rotary_pos_embedding.py:162  `RotaryEmbedding.get_emb` moves
+     `inv_freq` to `torch.cuda.current_device()`;
+  2. transformer/moe/router.py:90-92  `Router.gating` moves the router weight / bias to
+     `torch.cuda.current_device()`, and router.py:169/178 `TopKRouter.__init__` allocates the
+     expert-bias buffers there (sigmoid routers with a selection bias);
+  3. utils.py:631  `GlobalMemoryBuffer.get_tensor` allocates the attention score buffer on
+     `torch.cuda.current_device()`;
+     (1-3: the wrapped method runs with `torch.cuda.current_device` answering "cpu", for the
+     duration of that call only)
+  4. transformer/utils.py:35  `get_default_causal_mask` builds the mask with `device="cuda"`
+     (imported by name into fusions/fused_softmax.py:8, which is where it is replaced);
+  5. tensor_parallel/random.py:250  `CudaRNGStatesTracker.fork` (used around attention dropout in
+     transformer/dot_product_attention.py) reads the CUDA RNG state: the tracker is re-created as
+     megatron's own inference tracker, whose `fork` is a no-op (dropout is 0 in our configs);
+  6. transformer/moe/moe_utils.py:1192  `router_gating_linear` reads the name `te_general_gemm`,
+     which is only bound when Transformer Engine imports: it is bound to None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+_applied = False
+
+
+@contextlib.contextmanager
+def _cpu_as_current_device():
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original
+
+
+def _on_cpu(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cpu_as_current_device():
+            return fn(*args, **kwargs)
+
+    wrapper._agentrl_cpu_shim = True
+    return wrapper
+
+
+def _causal_mask_cpu(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def apply_cpu_shim() -> bool:
+    """Patch megatron-core for CPU if (and only if) no GPU is available. Idempotent.
+    Returns True when the shim is active."""
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+    from megatron.core import utils as mcore_utils
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe.router import Router, TopKRouter
+
+    for owner, name in ((RotaryEmbedding, "get_emb"), (Router, "gating"), (TopKRouter, "__init__"),
+                        (mcore_utils.GlobalMemoryBuffer, "get_tensor")):
+        fn = getattr(owner, name)
+        if not getattr(fn, "_agentrl_cpu_shim", False):
+            setattr(owner, name, _on_cpu(fn))
+    fused_softmax.get_default_causal_mask = _causal_mask_cpu
+    mcore_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    _applied = True
+    return True

@@ -1,0 +1,240 @@
+"""The megatron-core learner backend on CPU (gloo, world size 1): weights, logits, replay, updates, runtime."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from agentrl.learner.batch import build_batch
+from agentrl.learner.learner import LearnerConfig, TorchLearner
+from agentrl.learner.mcore import McoreCausalLM, MegatronLearner
+from agentrl.learner.mcore.convert import hf_to_mcore, mcore_to_hf
+from agentrl.learner.megatron_shim import apply_cpu_shim
+from agentrl.model.config import preset
+from agentrl.model.modeling import MoEForCausalLM
+from agentrl.routing import RoutingLayout, RoutingRows
+from agentrl.trajectory import Trajectory
+
+VARIANTS = {
+    "qwen3-moe": preset("tiny-moe", initializer_range=0.08),
+    # dense layers between MoE layers, un-normalised top-k (pre-softmax), tied embeddings, MHA
+    "mixed-tied": preset("tiny-moe", initializer_range=0.08, mlp_only_layers=[1], decoder_sparse_step=1,
+                         norm_topk_prob=False, tie_word_embeddings=True, num_key_value_heads=4),
+    "dense": preset("tiny-dense", initializer_range=0.08),
+    # DeepSeek-V3-style: sigmoid scores, selection bias, routed scaling, a shared expert
+    "sigmoid-shared": preset("tiny-moe-sigmoid", initializer_range=0.08, routed_scaling_factor=2.5),
+}
+
+
+def our_model(cfg, seed=0):
+    m = MoEForCausalLM(cfg).init_weights(seed)
+    with torch.no_grad():  # a non-zero selection bias, so converting it matters
+        for name, buf in m.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    return m
+
+
+def mcore_from(ours):
+    m = McoreCausalLM(ours.config)
+    m.load_state_dict(ours.state_dict())
+    return m.eval()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_weight_conversion_round_trip_is_exact(name):
+    ours = our_model(VARIANTS[name])
+    sd = ours.state_dict()
+    assert mcore_to_hf(hf_to_mcore(sd, ours.config), ours.config).keys() == sd.keys()
+    m = mcore_from(ours)
+    # every megatron parameter is written by the conversion (nothing left at its uninitialised value)
+    converted = hf_to_mcore(sd, ours.config)
+    assert {k for k in m.gpt.state_dict() if not k.endswith("_extra_state")} == set(converted)
+    back = m.state_dict()
+    assert back.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fp32_logits_match_our_model(name):
+    ours = our_model(VARIANTS[name]).eval()
+    m = mcore_from(ours)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24), generator=gen)
+    att = torch.ones(2, 24, dtype=torch.long)
+    att[1, 15:] = 0  # right padding
+    seg = torch.tensor([[0] * 9 + [1] * 15, [2] * 20 + [-1] * 4])  # two packed rows, one with padding
+    with torch.no_grad():
+        for kw, real in (({}, torch.ones(2, 24, dtype=torch.bool)), ({"attention_mask": att}, att.bool()),
+                         ({"segment_ids": seg}, seg >= 0)):
+            a, b = ours(ids, **kw).logits, m(ids, **kw).logits
+            assert a.abs().max() > 0.1  # not a degenerate model
+            torch.testing.assert_close(b[real], a[real], rtol=0, atol=1e-5)
+
+
+def test_unsupported_variants_are_refused_clearly():
+    with pytest.raises(ValueError, match="megatron-core backend.*norm_topk_prob"):
+        McoreCausalLM(preset("tiny-moe-sigmoid", norm_topk_prob=False))
+    with pytest.raises(ValueError, match="top-1 softmax"):
+        McoreCausalLM(preset("tiny-moe", num_experts_per_tok=1))
+
+
+def random_rows(shape, num_experts, top_k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(*shape, num_experts, generator=gen).argsort(-1)[..., :top_k]
+
+
+def test_r3_replays_the_given_rows_in_megatron_token_order():
+    ours = our_model(VARIANTS["mixed-tied"]).eval()
+    m = mcore_from(ours)
+    cfg, hook = ours.config, m.routing_replay
+    ids = torch.randint(0, cfg.vocab_size, (3, 10), generator=torch.Generator().manual_seed(2))
+    seg = torch.tensor([[0] * 4 + [1] * 6, [2] * 10, [3] * 7 + [-1] * 3])
+    rows = random_rows((3, 10, len(cfg.moe_layers)), cfg.num_experts, cfg.num_experts_per_tok, seed=3)
+    has = torch.rand(3, 10, generator=torch.Generator().manual_seed(4)) > 0.25  # some tokens have no row
+    with torch.no_grad():
+        with hook.replay(rows, has):
+            b = m(ids, segment_ids=seg).logits
+        used, free = hook.selected_rows(), hook.free_rows()
+        with ours.routing_replay.replay(rows, has):
+            a = ours(ids, segment_ids=seg).logits
+    flat_rows, flat_has = rows.reshape(30, *rows.shape[2:]), has.reshape(-1)
+    assert torch.equal(used[flat_has], flat_rows[flat_has])  # megatron routed exactly the given rows ...
+    assert torch.equal(used[~flat_has], free[~flat_has])  # ... and tokens without a row freely
+    assert not torch.equal(used, free)
+    # the same experts as agentrl's own replay, token for token, and the same logits
+    assert torch.equal(used, ours.routing_replay.selected_rows())
+    torch.testing.assert_close(b[seg >= 0], a[seg >= 0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="replay rows cover 30 tokens"), torch.no_grad(), hook.replay(rows, has):
+        m(ids[:, :5].repeat(1, 2)[:2])
+
+
+def test_r2_records_with_megatron_and_replays_the_record():
+    ours = our_model(VARIANTS["qwen3-moe"]).eval()
+    m = mcore_from(ours)
+    hook = m.routing_replay
+    ids = torch.randint(0, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        with hook.record():
+            free_logits = m(ids).logits
+        recorded = hook.recorded_rows()  # megatron's RouterReplay.get_recorded_indices, batch-major
+        assert torch.equal(recorded, hook.selected_rows())
+        with ours.routing_replay.record():
+            ours(ids)
+        assert torch.equal(recorded, ours.routing_replay.recorded)
+        with hook.replay(recorded.reshape(2, 12, *recorded.shape[1:])):
+            replayed = m(ids).logits
+    torch.testing.assert_close(replayed, free_logits, rtol=0, atol=1e-6)
+
+
+def trajectories(cfg, n=8, seed=0):
+    """Synthetic episodes (prompt then generated tokens, engine logprobs, engine rows) for 2 GRPO groups."""
+    rng = np.random.default_rng(seed)
+    layout = RoutingLayout.from_config(cfg)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(10, 30))
+        lm = np.zeros(length, bool)
+        lm[length // 2:] = True
+        rows = random_rows((length - 1, layout.num_moe_layers), cfg.num_experts, cfg.num_experts_per_tok, seed + i)
+        out.append(Trajectory(tokens=rng.integers(0, cfg.vocab_size, length), loss_mask=lm,
+                              logprobs=np.where(lm, -rng.uniform(0.5, 6, length), 0).astype(np.float32),
+                              versions=np.where(lm, 0, -1),
+                              routing=RoutingRows(rows.numpy().astype(layout.dtype), np.zeros(length - 1, np.int64)),
+                              reward=float(i % 3 == 0), group_id=str(i // 4)))
+    return out
+
+
+def hf_grads(learner):
+    if isinstance(learner, MegatronLearner):
+        grads = {n.removeprefix("gpt."): p.grad for n, p in learner.model.named_parameters()}
+        return mcore_to_hf(grads, learner.model.config)
+    return {n: p.grad for n, p in learner.model.named_parameters()}
+
+
+@pytest.mark.parametrize("replay,layout", [("R3", "packed"), ("R2", "padded"), ("off", "packed")])
+def test_one_update_matches_the_torch_learner(replay, layout):
+    ours = our_model(VARIANTS["qwen3-moe"])
+    trajs = trajectories(ours.config)
+    kw = dict(replay=replay, layout=layout, lr=1e-3, micro_batch_tokens=48, aux_loss_coef=0.01, correction="tis")
+    a = TorchLearner(copy.deepcopy(ours), LearnerConfig(**kw))
+    b = MegatronLearner(copy.deepcopy(ours), LearnerConfig(**kw))
+    ma, mb = a.train_step(trajs), b.train_step(trajs)
+    assert b.version == a.version == 1
+    for k in ("loss", "pg_loss", "aux_loss", "mismatch_kl", "corr_mean_weight", "routing_disagree_any", "entropy"):
+        if k in ma:
+            assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-7), k
+    ga, gb = hf_grads(a), hf_grads(b)  # the last micro-batch's gradients, by HF name
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-3, atol=1e-6, msg=k)
+    # Adam's first step moves a weight by lr * g / (|g| + eps): where |g| ~ eps = 1e-8, float32 noise
+    # in g shows in the step, so new weights must be identical only where the gradient is not ~0
+    wa, wb, w0 = a.weights()[0], b.weights()[0], ours.state_dict()
+    step = torch.cat([(wa[k] - w0[k]).abs().flatten() for k in wa])
+    diff = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+    clear = torch.cat([ga[k].abs().flatten() > 1e-6 for k in wa])
+    assert step.mean() > 5e-4 and clear.float().mean() > 0.5  # the update did move the weights
+    assert diff[clear].max() < 1e-6 and diff.max() <= 2 * kw["lr"]
+
+
+def test_checkpoint_round_trip_restores_a_megatron_learner(tmp_path):
+    from agentrl.model.checkpoint import init_model
+    from agentrl.model import load_pretrained
+    from agentrl.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    model_dir = init_model("tiny-moe", tmp_path / "init", seed=0, initializer_range=0.08)
+    cfg = LearnerConfig(lr=1e-3, replay="R3", ema_decay=0.9)
+    a = MegatronLearner(load_pretrained(model_dir), cfg)
+    a.train_step(trajectories(a.model.config))
+    save_checkpoint(tmp_path / "ckpt", a, str(model_dir), {"step": 1})
+    assert load_pretrained(tmp_path / "ckpt").state_dict().keys() == a.weights()[0].keys()  # HF layout on disk
+    b = MegatronLearner(load_pretrained(model_dir), cfg)
+    assert load_checkpoint(tmp_path / "ckpt", b) == {"step": 1} and b.version == 1
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(b.model.state_dict()[k], v), k
+    more = trajectories(a.model.config, seed=7)
+    assert b.train_step(more)["loss"] == pytest.approx(a.train_step(more)["loss"], rel=1e-6)
+
+
+def test_cpu_shim_is_idempotent():
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    assert apply_cpu_shim() is True  # this machine has no GPU
+    get_emb = RotaryEmbedding.get_emb
+    assert apply_cpu_shim() is True and RotaryEmbedding.get_emb is get_emb
+    assert not hasattr(torch.cuda.current_device, "__wrapped__")  # only patched for the duration of a call
+
+
+def test_runtime_trains_with_the_megatron_backend(tmp_path):
+    import ray
+
+    from agentrl.recipe import load_recipe
+    from agentrl.runtime.logging import read_metrics
+    from agentrl.runtime.train import train
+
+    recipe = {
+        "name": "mcore", "model": {"init": {"preset": "tiny-moe"}},
+        "env": {"id": "calculator-v0", "kwargs": {"compact": True, "digits": 2, "word_problems": False}},
+        "warmup": None,
+        "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 16, "max_total_tokens": 512},
+        "learner": {"backend": "megatron", "lr": 1e-4, "replay": "R3"},
+        "runtime": {"mode": "sync", "steps": 2, "checkpoint_every": 2, "eval_every": 0},
+        "eval": {"episodes": 2},
+        "output": {"dir": str(tmp_path / "runs"), "console": "quiet", "tensorboard": False, "plots": False},
+    }
+    path = tmp_path / "mcore.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(recipe))))
+    try:
+        train(load_recipe(path))
+    finally:
+        ray.shutdown()
+    run = tmp_path / "runs" / "mcore"
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "reward_mean" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["rows_missing"] == 0 and "routing_disagree_any" in r for r in rows)
+    assert (run / "checkpoints" / "step_2" / "model.safetensors").exists()
+    assert (run / "weights" / "LATEST").exists()
