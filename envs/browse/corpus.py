@@ -143,6 +143,7 @@ def _html_doc(file: Path, docid: str) -> Document:
 _BLOCK = {"p", "div", "br", "tr", "table", "ul", "ol", "dl", "dt", "dd", "section", "article", "blockquote", "pre",
           "hr", "header", "footer", "nav", "main", "h1", "h2", "h3", "h4", "h5", "h6", "li", "body", "figure"}
 _SKIP = {"script", "style", "head", "noscript", "template"}
+_OPEN_ONLY = {"li", "dt", "dd", "tr", "br", "ul", "ol", "dl"}  # block starts whose ends add no line (lists stay compact)
 
 
 class _Extractor(HTMLParser):
@@ -185,7 +186,7 @@ class _Extractor(HTMLParser):
             label = re.sub(r"\s+", " ", "".join(self.label)).strip()
             self.out.append(f"[{label}]({self.href})" if label else "")
             self.href = None
-        if tag in _BLOCK:
+        if tag in _BLOCK and tag not in _OPEN_ONLY:
             self.out.append("\n")
 
     def handle_data(self, data):
@@ -195,12 +196,12 @@ class _Extractor(HTMLParser):
             return
         if not self.pre:
             data = re.sub(r"\s+", " ", data)
+            if self.href is None and (self.out or ["\n"])[-1].endswith(("\n", "- ", "# ")):
+                data = data.lstrip()  # no space at a line's start (link labels are stripped at the link's end)
         (self.label if self.href is not None else self.out).append(data)
 
     def text(self) -> str:
-        # non-<pre> text had its whitespace collapsed, so only <pre> lines keep an indentation
-        lines = [line.rstrip()[1:] if line.startswith(" ") and not line.startswith("  ") else line.rstrip()
-                 for line in "".join(self.out).split("\n")]
+        lines = [line.rstrip() for line in "".join(self.out).split("\n")]
         return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
