@@ -176,7 +176,9 @@ class Sandbox:
             _chown_tree(self.workspace, NOBODY)
             argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
         cwd = str(self.workspace)
-        env = None if self._mode != "unsandboxed" else {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        # bwrap's own environment stays readable in the sandbox (/proc/1/environ): give it only PATH
+        env = ({"PATH": os.environ.get("PATH", "/usr/bin:/bin")} if self._mode != "unsandboxed"
+               else {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
         start = time.monotonic()
         try:
             proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
