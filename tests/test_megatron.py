@@ -81,6 +81,8 @@ def test_unsupported_variants_are_refused_clearly():
         McoreCausalLM(preset("tiny-moe-sigmoid", norm_topk_prob=False))
     with pytest.raises(ValueError, match="top-1 softmax"):
         McoreCausalLM(preset("tiny-moe", num_experts_per_tok=1))
+    with pytest.raises(ValueError, match="bfloat16.*float32"):
+        MegatronLearner(MoEForCausalLM(preset("tiny-moe")), LearnerConfig(dtype="bfloat16"))
 
 
 def random_rows(shape, num_experts, top_k, seed):

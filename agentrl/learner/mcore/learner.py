@@ -37,6 +37,10 @@ class MegatronLearner(TorchLearner):
             raise NotImplementedError("MegatronLearner runs world size 1; tensor / expert / pipeline parallel "
                                       "training is not implemented (see README, megatron-core backend)")
         self.cfg = cfg or LearnerConfig()
+        if self.cfg.dtype == "bfloat16" and not torch.cuda.is_available():
+            raise ValueError("dtype=bfloat16 is not supported by the megatron-core backend on CPU: its linear layers "
+                             "register autocast for CUDA only (megatron/core/tensor_parallel/layers.py:68), so a CPU "
+                             "autocast backward mixes dtypes; use dtype=float32 (or learner.backend=torch)")
         mcore = McoreCausalLM(model.config, parallel)
         mcore.load_state_dict(model.state_dict())
         self.model = mcore.float().train()
@@ -56,7 +60,8 @@ class MegatronLearner(TorchLearner):
     def _forward(self, batch: ModelBatch, rows_mode: str, model=None, aux: bool = False):
         if model is not None and model is not self.model:  # the reference model: agentrl's torch forward
             return super()._forward(batch, rows_mode, model=model, aux=aux)
-        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.dtype == "bfloat16"
+        device = next(self.model.parameters()).device.type  # "cpu" here; the GPU where megatron put the model
+        ctx = (torch.autocast(device, dtype=torch.bfloat16) if self.cfg.dtype == "bfloat16"
                else contextlib.nullcontext())
         if self.hook is not None and rows_mode == "replay" and batch.routing is not None:
             routing = self.hook.replay(batch.routing, batch.routing_mask)

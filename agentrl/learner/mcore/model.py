@@ -188,14 +188,17 @@ class McoreCausalLM(nn.Module):
                 segment_ids: torch.Tensor | None = None, return_aux_loss: bool = False) -> CausalLMOutput:
         """input_ids [B, S]; attention_mask [B, S] (1 = real, right padding); segment_ids [B, S] (packing)."""
         b, s = input_ids.shape
-        allowed = build_attention_mask(attention_mask, segment_ids, s, input_ids.device)
+        dev = self.gpt.embedding.word_embeddings.weight.device  # the GPU when there is one; inputs come from CPU
+        allowed = build_attention_mask(None if attention_mask is None else attention_mask.to(dev),
+                                       None if segment_ids is None else segment_ids.to(dev), s, dev)
         mask = None if allowed is None else ~allowed
-        positions = torch.arange(s, device=input_ids.device).expand(b, s)
+        positions = torch.arange(s, device=dev).expand(b, s)
         hook = self.routing_replay
         if hook is not None:
             hook.begin_forward(b, s, keep_scores=return_aux_loss)
-        logits = self.gpt(input_ids, positions, mask)  # [B, S, V]
+        logits = self.gpt(input_ids.to(dev), positions, mask)  # [B, S, V]
         aux = None
         if return_aux_loss and hook is not None:
-            aux = hook.aux_loss(None if attention_mask is None else attention_mask.reshape(-1))
-        return CausalLMOutput(logits=logits, aux_loss=aux)
+            aux = hook.aux_loss(None if attention_mask is None else attention_mask.reshape(-1).to(dev))
+            aux = aux.to(input_ids.device)
+        return CausalLMOutput(logits=logits.to(input_ids.device), aux_loss=aux)

@@ -56,7 +56,8 @@ class MaskedRouterReplay(RouterReplay):
             target = self.target_topk_idx.to(scores.device)
             if target.shape != free.shape:
                 raise RoutingReplayError(f"replay rows cover {target.shape[0]} tokens, router got {free.shape[0]}")
-            ids = target if self.target_mask is None else torch.where(self.target_mask[:, None], target, free)
+            ids = target if self.target_mask is None else torch.where(self.target_mask.to(scores.device)[:, None],
+                                                                      target, free)
             self.used = ids
             return scores.gather(1, ids), ids
         if self.router_replay_action == RouterReplayAction.RECORD:
@@ -147,7 +148,7 @@ class McoreRoutingReplay:
         if self.shape is None or any(t is None for t in per_layer):
             raise RuntimeError(f"no {what} routing captured yet: run a forward first")
         b, s = self.shape
-        rows = torch.stack(per_layer, dim=1)  # [S*B, L, k], sequence-first
+        rows = torch.stack(per_layer, dim=1).cpu()  # [S*B, L, k], sequence-first
         return rows.view(s, b, self.num_layers, self.top_k).transpose(0, 1).reshape(b * s, self.num_layers, self.top_k)
 
     def selected_rows(self) -> torch.Tensor:
