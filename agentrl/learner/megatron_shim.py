@@ -3,7 +3,7 @@
 Owns: `apply_cpu_shim()`, which patches the few places where megatron-core hard-codes CUDA so that
 a GPTModel built from the local (no Transformer Engine / Apex) spec runs forward, backward and
 AdamW on CPU with a gloo process group. Does not own: model building or training
-(megatron_learner.py). With a GPU present it does nothing at all, so nothing here can leak into a
+(agentrl/learner/mcore/). With a GPU present it does nothing at all, so nothing here can leak into a
 real run.
 
 The upstream lines it works around (megatron/core/..., version 0.16.1):
@@ -14,14 +14,17 @@ The upstream lines it works around (megatron/core/..., version 0.16.1):
      expert-bias buffers there (sigmoid routers with a selection bias);
   3. utils.py:631  `GlobalMemoryBuffer.get_tensor` allocates the attention score buffer on
      `torch.cuda.current_device()`;
-     (1-3: the wrapped method runs with `torch.cuda.current_device` answering "cpu", for the
+  4. tensor_parallel/mappings.py:91/141/148/181  `_gather_along_last_dim`,
+     `_gather_along_first_dim`, `_reduce_scatter_along_first_dim` allocate the outputs of
+     collectives there (expert parallelism over several gloo processes);
+     (1-4: the wrapped function runs with `torch.cuda.current_device` answering "cpu", for the
      duration of that call only)
-  4. transformer/utils.py:35  `get_default_causal_mask` builds the mask with `device="cuda"`
+  5. transformer/utils.py:35  `get_default_causal_mask` builds the mask with `device="cuda"`
      (imported by name into fusions/fused_softmax.py:8, which is where it is replaced);
-  5. tensor_parallel/random.py:250  `CudaRNGStatesTracker.fork` (used around attention dropout in
+  6. tensor_parallel/random.py:250  `CudaRNGStatesTracker.fork` (used around attention dropout in
      transformer/dot_product_attention.py) reads the CUDA RNG state: the tracker is re-created as
      megatron's own inference tracker, whose `fork` is a no-op (dropout is 0 in our configs);
-  6. transformer/moe/moe_utils.py:1192  `router_gating_linear` reads the name `te_general_gemm`,
+  7. transformer/moe/moe_utils.py:1192  `router_gating_linear` reads the name `te_general_gemm`,
      which is only bound when Transformer Engine imports: it is bound to None.
 """
 
@@ -70,12 +73,14 @@ def apply_cpu_shim() -> bool:
     from megatron.core import utils as mcore_utils
     from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.moe.router import Router, TopKRouter
 
     for owner, name in ((RotaryEmbedding, "get_emb"), (Router, "gating"), (TopKRouter, "__init__"),
-                        (mcore_utils.GlobalMemoryBuffer, "get_tensor")):
+                        (mcore_utils.GlobalMemoryBuffer, "get_tensor"), (mappings, "_gather_along_last_dim"),
+                        (mappings, "_gather_along_first_dim"), (mappings, "_reduce_scatter_along_first_dim")):
         fn = getattr(owner, name)
         if not getattr(fn, "_agentrl_cpu_shim", False):
             setattr(owner, name, _on_cpu(fn))

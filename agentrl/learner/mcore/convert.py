@@ -22,8 +22,10 @@ Does not own: building the model (model.py) or files on disk (agentrl.model.chec
 linear_qkv groups heads by KV head (GQA): for each of the G = num_key_value_heads groups, its
 H/G query heads, then its key head, then its value head, each head_dim rows. SwiGLU fc1 is
 cat(gate, up) along the output dim, which is exactly agentrl's fused `gate_up_proj[e]`.
-Under pipeline / expert parallelism a rank holds a slice of these names (local layer and expert
-numbers); this module converts whole models only (the learner runs world size 1).
+Expert parallelism: rank r of an expert-parallel group of size P holds experts
+[r E/P, (r+1) E/P) under local numbers 0 .. E/P - 1 (`shard_experts` / `merge_expert_shards`);
+every other tensor, the router included, is whole on every rank. Tensor and pipeline slicing
+(local layer numbers, split qkv / fc1 / vocab) are not converted here.
 """
 
 from __future__ import annotations
@@ -121,4 +123,42 @@ def mcore_to_hf(state: dict[str, torch.Tensor], cfg: MoEConfig) -> dict[str, tor
             fc1 = state[mo + "shared_experts.linear_fc1.weight"]
             out[s + "gate_proj.weight"], out[s + "up_proj.weight"] = fc1.chunk(2)
             out[s + "down_proj.weight"] = state[mo + "shared_experts.linear_fc2.weight"]
+    return out
+
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..+)$")
+
+
+def expert_range(cfg: MoEConfig, rank: int, size: int) -> range:
+    """The global expert ids that expert-parallel rank `rank` of `size` holds."""
+    if cfg.num_experts % size:
+        raise ValueError(f"num_experts={cfg.num_experts} is not divisible by expert parallel size {size}")
+    per = cfg.num_experts // size
+    return range(rank * per, (rank + 1) * per)
+
+
+def shard_experts(state: dict[str, torch.Tensor], cfg: MoEConfig, rank: int, size: int) -> dict[str, torch.Tensor]:
+    """A whole megatron state dict -> the part expert-parallel rank `rank` holds (local expert numbers)."""
+    mine = expert_range(cfg, rank, size)
+    out = {}
+    for k, v in state.items():
+        m = _EXPERT.match(k)
+        if m is None:
+            out[k] = v
+        elif int(m.group(2)) in mine:
+            out[f"{m.group(1)}{int(m.group(2)) - mine.start}{m.group(3)}"] = v
+    return out
+
+
+def merge_expert_shards(shards: list[dict[str, torch.Tensor]], cfg: MoEConfig) -> dict[str, torch.Tensor]:
+    """The state dicts of all ranks of an expert-parallel group, in rank order -> the whole state dict."""
+    out = {}
+    for rank, shard in enumerate(shards):
+        start = expert_range(cfg, rank, len(shards)).start
+        for k, v in shard.items():
+            m = _EXPERT.match(k)
+            if m is None:
+                out.setdefault(k, v)
+            else:
+                out[f"{m.group(1)}{int(m.group(2)) + start}{m.group(3)}"] = v
     return out

@@ -104,7 +104,7 @@ def transformer_config(cfg: MoEConfig, parallel: McoreParallel = McoreParallel()
         tensor_model_parallel_size=parallel.tensor,
         expert_model_parallel_size=parallel.expert,
         pipeline_model_parallel_size=parallel.pipeline,
-        sequence_parallel=parallel.tensor > 1,
+        pipeline_dtype=torch.float32 if parallel.pipeline > 1 else None,
         **moe,
     )
 
@@ -166,19 +166,34 @@ class McoreCausalLM(nn.Module):
         super().__init__()
         from agentrl.learner.mcore.replay import McoreRoutingReplay
 
-        self.config = cfg
+        self.config, self.parallel = cfg, parallel
         self.gpt = build_gpt(cfg, parallel)
         self.routing_replay = McoreRoutingReplay.attach(self.gpt, cfg) if cfg.moe_layers else None
 
-    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # noqa: D102 - HF names, see convert.py
-        from agentrl.learner.mcore.convert import mcore_to_hf
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """The whole model in HF names (under expert parallelism, gathered from the expert group)."""
+        from megatron.core import parallel_state
 
-        return mcore_to_hf(self.gpt.state_dict(), self.config)
+        from agentrl.learner.mcore.convert import mcore_to_hf, merge_expert_shards
+
+        state = {k: v for k, v in self.gpt.state_dict().items() if not k.endswith("_extra_state")}
+        if self.parallel.expert > 1:
+            shards = [None] * self.parallel.expert
+            torch.distributed.all_gather_object(shards, state, group=parallel_state.get_expert_model_parallel_group())
+            state = merge_expert_shards(shards, self.config)
+        return mcore_to_hf(state, self.config)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True):
-        from agentrl.learner.mcore.convert import hf_to_mcore
+        """Load a whole HF-named state dict (this rank keeps its experts under expert parallelism)."""
+        from megatron.core import parallel_state
 
-        missing, unexpected = self.gpt.load_state_dict(hf_to_mcore(state, self.config), strict=False)
+        from agentrl.learner.mcore.convert import hf_to_mcore, shard_experts
+
+        mstate = hf_to_mcore(state, self.config)
+        if self.parallel.expert > 1:
+            mstate = shard_experts(mstate, self.config, parallel_state.get_expert_model_parallel_rank(),
+                                   self.parallel.expert)
+        missing, unexpected = self.gpt.load_state_dict(mstate, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if strict and (missing or unexpected):
             raise ValueError(f"weights do not match the megatron model: missing={missing}, unexpected={unexpected}")
