@@ -69,7 +69,8 @@ def _collect(files: dict[str, str]) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         _write_tree(Path(tmp), files)
         out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
-                             cwd=tmp, capture_output=True, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                             cwd=tmp, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     ids = [line.strip() for line in out.stdout.splitlines() if "::" in line]
     if out.returncode or not ids:
         raise RuntimeError(f"test collection failed:\n{out.stdout}\n{out.stderr}")

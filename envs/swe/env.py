@@ -15,6 +15,7 @@ Does not own: the sandbox, workspaces and grading, the instance format (see envs
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -24,8 +25,9 @@ from pathlib import Path
 
 from agentrl.env import Task, ToolEnv, tool
 from agentrl.sandbox import WORKDIR, Sandbox, SandboxUnavailable, bwrap_available
+from agentrl.tools import parse_tool_calls
 from envs.swe.instances import DATA_DIR, SWEInstance, load_instances, resolve_repo
-from envs.swe.workspace import GradeResult, grade, make_workspace, workspace_diff
+from envs.swe.workspace import TEST_CMD, GradeResult, grade, make_workspace, workspace_diff
 
 MAX_FILE_BYTES = 1 << 20
 
@@ -46,6 +48,7 @@ class SWEEnv(ToolEnv):
         repos: directory holding the repositories / bundles (default: ``repos/`` beside ``instances``).
         instance_ids: keep only these instances.
         command_timeout: wall-clock seconds per ``bash`` call; test_timeout: per grading run.
+        test_cmd: the pytest command grading runs (test ids are appended); default envs.swe.workspace.TEST_CMD.
         memory_mb, max_processes, cpu_seconds: sandbox limits per command.
         partial_credit: reward the fraction of passing F2P + P2P tests when not resolved.
         allow_unsandboxed: run model commands without bubblewrap (only where bwrap is unavailable).
@@ -57,8 +60,8 @@ class SWEEnv(ToolEnv):
     def __init__(self, instances: str | None = None, repos: str | None = None, instance_ids: list[str] | None = None,
                  command_timeout: float = 30.0, test_timeout: float = 300.0, memory_mb: int = 2048,
                  max_processes: int = 64, cpu_seconds: int = 120, partial_credit: bool = False,
-                 allow_unsandboxed: bool = False, workdir: str | None = None, max_turns: int = 30,
-                 max_tool_output_chars: int = 8000, **kwargs):
+                 allow_unsandboxed: bool = False, workdir: str | None = None, test_cmd: str = TEST_CMD,
+                 max_turns: int = 30, max_tool_output_chars: int = 8000, **kwargs):
         super().__init__(max_turns=max_turns, max_tool_output_chars=max_tool_output_chars, **kwargs)
         if not bwrap_available() and not allow_unsandboxed:
             raise SandboxUnavailable("SWEEnv runs model-written commands and needs bubblewrap (apt-get install "
@@ -74,7 +77,8 @@ class SWEEnv(ToolEnv):
         self.repos = Path(repos) if repos else path.parent / "repos"
         self.limits = dict(timeout=command_timeout, memory_bytes=memory_mb << 20, max_processes=max_processes,
                            cpu_seconds=cpu_seconds, allow_unsandboxed=allow_unsandboxed)
-        self.test_timeout, self.partial_credit, self.workdir = test_timeout, partial_credit, workdir
+        self.test_timeout, self.test_cmd = test_timeout, test_cmd
+        self.partial_credit, self.workdir = partial_credit, workdir
         self.instance: SWEInstance | None = None
         self.workspace: Path | None = None
         self.sandbox: Sandbox | None = None
@@ -173,6 +177,14 @@ class SWEEnv(ToolEnv):
         return Task(messages=[{"role": "user", "content": prompt}], info={"instance_id": inst.instance_id},
                     id=inst.instance_id)
 
+    async def astep(self, action: str):
+        """A final answer without a submit is graded first in a thread, so that concurrent episodes are
+        not held up by its test run (``reward`` then only reads the grade)."""
+        if self.grade_result is None and self.workspace is not None and isinstance(action, str) \
+                and not parse_tool_calls(action).items:
+            await asyncio.to_thread(self._grade)
+        return await super().astep(action)
+
     def reward(self, task, history, final_text) -> float:
         result = self.grade_result or self._grade()
         if result.resolved or not self.partial_credit:
@@ -228,7 +240,7 @@ class SWEEnv(ToolEnv):
     def _grade(self) -> GradeResult:
         sandbox = self._sandbox()
         self.patch = workspace_diff(sandbox, self.instance.base_commit)
-        self.grade_result = grade(sandbox, self.instance, self.test_timeout)
+        self.grade_result = grade(sandbox, self.instance, self.test_timeout, self.test_cmd)
         return self.grade_result
 
     def _remove_workspace(self) -> None:

@@ -30,7 +30,9 @@ from envs.swe.instances import SWEInstance
 
 __all__ = ["make_workspace", "workspace_diff", "grade", "GradeResult", "TEST_CMD"]
 
-TEST_CMD = "python -m pytest -rA -p no:cacheprovider --tb=short -q"
+# Plugins installed beside the interpreter are not loaded (the hypothesis plugin alone costs ~1 s per
+# run); instances whose tests need a plugin pass a test_cmd with `-p plugin` or without the variable.
+TEST_CMD = "PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python -m pytest -rA -p no:cacheprovider --tb=short -q"
 _GIT_ENV = {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}
 _caches: dict[str, Path] = {}
 _cache_lock = threading.Lock()
@@ -110,7 +112,7 @@ _STATUS = re.compile(r"^(PASSED|FAILED|ERROR|XFAIL|XPASS|SKIPPED) (\S+)", re.M)
 _PASSING = ("PASSED", "XFAIL")
 
 
-def grade(sandbox: Sandbox, inst: SWEInstance, timeout: float = 300.0) -> GradeResult:
+def grade(sandbox: Sandbox, inst: SWEInstance, timeout: float = 300.0, test_cmd: str = TEST_CMD) -> GradeResult:
     """SWE-bench evaluation of the workspace as it is (the workspace is changed: test patch applied)."""
     base = shlex.quote(inst.base_commit)
     files = " ".join(shlex.quote(f) for f in inst.test_files())
@@ -123,7 +125,7 @@ def grade(sandbox: Sandbox, inst: SWEInstance, timeout: float = 300.0) -> GradeR
         f"for f in {files}; do git cat-file -e {base}:\"$f\" 2>/dev/null || rm -f \"$f\"; done"
         if files else "true",
         "git apply /tmp/test.patch || { echo '>>> the test patch does not apply'; exit 3; }",
-        f"{TEST_CMD} {tests}",
+        f"{test_cmd} {tests}",
     ])
     res = sandbox.run(script, timeout=timeout)
     log = res.stdout + (f"\n--- stderr ---\n{res.stderr}" if res.stderr else "")
