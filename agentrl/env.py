@@ -410,5 +410,6 @@ def make(spec: str, **kwargs: Any) -> ToolEnv:
 
 register("calculator-v0", "envs.calculator:CalculatorEnv")
 register("kvstore-v0", "envs.kvstore:KVStoreEnv")
+register("arith-v0", "envs.arith:ArithEnv")
 register("browse-v0", "envs.browse.env:BrowseEnv")
 register("swe-v0", "envs.swe:SWEEnv")

@@ -208,8 +208,17 @@ def evaluate(recipe: Recipe, policy: str | None = None, base_url: str | None = N
 
         engine, model_name = ChatClient(base_url, model=ev.model_name), ev.model_name or base_url
     else:
-        model_dir = model_dir or model_for_eval(recipe)
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        try:
+            model_dir = model_dir or model_for_eval(recipe)
+        except FileNotFoundError:
+            if policy == "model":
+                raise
+        if model_dir is None:  # reference policies need only a tokenizer: the one init-model builds
+            from agentrl.model.tokenizer import build_tokenizer
+
+            tok = build_tokenizer()
+        else:
+            tok = AutoTokenizer.from_pretrained(model_dir)
         model_name = model_dir if policy == "model" else None
         if policy == "model" and base_url:
             from agentrl.engine.client import EngineClient

@@ -195,6 +195,8 @@ _LEARNER_DOCS: dict[str, str] = {
     "total_steps": "optimizer steps the cosine / linear schedule decays over",
     "mini_batches": "optimizer steps per rollout batch, over disjoint shuffled parts (the R3 paper's multi "
                     "mini-step setting)",
+    "fuse_old_pass": "with one optimizer step on one micro-batch, take the old-policy log-probs from the "
+                     "training forward (detached) instead of a separate no-grad pass: same result, one forward less",
     "micro_batch_tokens": "tokens per forward pass; gradients accumulate over micro-batches",
     "layout": "packed: sequences concatenated in rows (agentrl's model); padded: one sequence per row",
     "pack_row_tokens": "packed row width in tokens; null = the longest sequence",

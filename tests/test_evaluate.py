@@ -51,15 +51,6 @@ def test_model_policy_through_the_cli(tmp_path):
     assert sum(summary["status"].values()) == 24 and 0.0 <= summary["reward_mean"] <= 1.0
 
 
-def test_megatron_backend_is_refused_clearly(tmp_path):
-    from agentrl.recipe import load_recipe
-    from agentrl.runtime.train import train
-
-    r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "qwen3_30b_a3b_r3.yaml")
-    with pytest.raises(NotImplementedError, match="megatron"):
-        train(r)
-
-
 class IndexedEnv(ToolEnv):
     """A finite task set: task i asks for the number i; the answer ends the episode."""
 
@@ -99,3 +90,12 @@ def test_finite_task_set_visits_each_task_once_per_sample(tmp_path):
         assert (out / "gold" / f"task{i}_2" / "note.txt").read_text() == f"task {i}: {i}"
     noop = evaluate(r, policy="noop", progress=False)
     assert noop["reward_mean"] == 0.0 and noop["tasks"] == 5
+
+
+def test_reference_policies_need_no_model(tmp_path):
+    r = parse_recipe({"name": "nomodel", "model": {"init": {"preset": "tiny-moe"}}, "runtime": {"steps": 1},
+                      "env": {"id": "calculator-v0", "kwargs": {"compact": True}}, "eval": {"episodes": 3},
+                      "output": {"dir": str(tmp_path / "runs")}})
+    assert evaluate(r, policy="gold", progress=False)["reward_mean"] == 1.0
+    with pytest.raises(FileNotFoundError, match="no model"):
+        evaluate(r, policy="model", progress=False)

@@ -209,3 +209,15 @@ def test_transformers_mixtral_and_olmoe_train_with_engine_rows(moe_trajs, kind):
     for n, p in model.named_parameters():
         if n in routers:
             assert not torch.equal(p, routers[n]), n
+
+
+@pytest.mark.parametrize("replay", ["off", "R2", "R3"])
+def test_fused_old_pass_gives_the_separate_pass_update(moe_ckpt, moe_trajs, replay):
+    """One forward (old log-probs = the training forward's, detached) == a no-grad old pass + a training pass."""
+    a = learner(moe_ckpt, replay=replay, lr=1e-3, correction="tis")
+    b = learner(moe_ckpt, replay=replay, lr=1e-3, correction="tis", fuse_old_pass=False)
+    ma, mb = a.train_step(moe_trajs), b.train_step(moe_trajs)
+    for k in ("pg_loss", "mismatch_kl", "extreme_frac_2", "routing_disagree_any", "corr_weight_mean"):
+        if k in ma or k in mb:
+            assert ma[k] == pytest.approx(mb[k], rel=1e-5, abs=1e-7), k
+    assert_same_gradients(a, b)

@@ -137,3 +137,33 @@ def test_kill_9_during_training_then_resume(tmp_path):
     assert len(groups) == len(set(groups)) == 6 * 2
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "reward_mean" in r]
     assert steps[-(6 - done_before):] == list(range(done_before + 1, 7))
+
+
+def test_joins_a_cluster_started_with_ray_start(tmp_path):
+    """`ray start --head` in its own session; `agentrl train` joins it via RAY_ADDRESS, then via --address."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bindir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["TQDM_DISABLE"] = "1"
+    head = subprocess.Popen([str(bindir / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        ray_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+        for name, extra, run_env in (("via-env", [], ray_env), ("via-flag", ["--address", f"127.0.0.1:{port}"], env)):
+            path = recipe_file(tmp_path, name, runtime={"steps": 1, "checkpoint_every": 0, "eval_every": 0},
+                               warmup=None, eval=None)
+            out = subprocess.run([str(bindir / "agentrl"), "train", str(path), *extra], env=run_env,
+                                 capture_output=True, text=True, timeout=600)
+            assert out.returncode == 0, out.stderr[-3000:]
+            summary = json.loads((tmp_path / "runs" / name / "summary.json").read_text())
+            assert summary["steps"] == 1
+            assert summary["ray"]["gcs_address"].rsplit(":", 1)[1] == str(port)  # the head's GCS, not a new cluster
+        assert head.poll() is None  # the cluster outlives the runs that joined it
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)

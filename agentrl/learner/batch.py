@@ -37,6 +37,20 @@ class ModelBatch:
     routing_mask: torch.Tensor | None  # [R, S] bool: token has a row
     flat_index: torch.Tensor  # [n_seq, max_len] int64 position in the flattened [R*S], -1 past the end
     seq_lens: list[int]
+    # generated tokens (loss_mask) as (sequence, position t >= 1) pairs, and the flat [R*S] index of the
+    # position t-1 that predicts each: the only logits a policy-gradient loss reads
+    target_seq: torch.Tensor | None = None  # [K] int64
+    target_pos: torch.Tensor | None = None  # [K] int64
+    logits_index: torch.Tensor | None = None  # [K] int64
+
+    def with_targets(self, loss_mask: torch.Tensor) -> ModelBatch:
+        """Mark the tokens whose log-probabilities are wanted (loss_mask [n_seq, >= max_len] bool)."""
+        m = loss_mask[:, : self.flat_index.shape[1]].clone()
+        m[:, 0] = False  # nothing predicts the first token
+        seq, pos = m.nonzero(as_tuple=True)
+        self.target_seq, self.target_pos = seq, pos
+        self.logits_index = self.flat_index[seq, pos - 1]
+        return self
 
     @property
     def num_tokens(self) -> int:
@@ -111,7 +125,20 @@ def per_sequence(values: torch.Tensor, batch: ModelBatch, fill: float = 0.0) -> 
 
 def target_logprobs(logits: torch.Tensor, batch: ModelBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """logp[i, t] = log π(token t | tokens < t) for every trajectory i, and the per-token entropy of
-    that distribution; both [n_seq, max_len] float32, 0 at t = 0 and past the end."""
+    that distribution; both [n_seq, max_len] float32, 0 at t = 0 and past the end.
+    With logits [K, V] for the batch's targets only (the model's ``logits_index=batch.logits_index``,
+    after ``batch.with_targets``), the same values at the target tokens and 0 elsewhere."""
+    if logits.dim() == 2:
+        if batch.logits_index is None or logits.shape[0] != batch.logits_index.shape[0]:
+            raise ValueError("2-D logits must be the batch's targets (model(..., logits_index=batch.logits_index))")
+        logp_all = torch.log_softmax(logits.float(), dim=-1)  # [K, V]
+        tgt = batch.input_ids.reshape(-1)[batch.flat_index[batch.target_seq, batch.target_pos]]
+        n, lmax = batch.flat_index.shape
+        lp = torch.zeros(n, lmax, dtype=torch.float32, device=logits.device)
+        en = torch.zeros_like(lp)
+        lp = lp.index_put((batch.target_seq, batch.target_pos), logp_all.gather(-1, tgt[:, None])[:, 0])
+        en = en.index_put((batch.target_seq, batch.target_pos), -(logp_all.exp() * logp_all).sum(-1))
+        return lp, en
     logp_all = torch.log_softmax(logits.float(), dim=-1)  # [R, S, V]
     ids = batch.input_ids
     # position s predicts token s+1 of the same row; the shifted gather is masked per sequence below

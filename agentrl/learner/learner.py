@@ -54,6 +54,8 @@ class LearnerConfig:
     warmup_steps: int = 0  # optimizer steps of linear warm-up
     total_steps: int = 1000  # optimizer steps, for cosine / linear decay
     mini_batches: int = 1  # optimizer steps per rollout batch
+    fuse_old_pass: bool = True  # one optimizer step on one micro-batch: the old-policy logprobs are the training
+    # forward's own (detached), so the separate no-grad pass is skipped (identical result, one forward less)
     micro_batch_tokens: int = 8192  # tokens per forward (gradient accumulation above that)
     layout: Literal["packed", "padded"] = "packed"
     pack_row_tokens: int | None = None  # packed row width; None = the longest sequence (bounds O(width^2) attention)
@@ -125,6 +127,8 @@ class TorchLearner:
         kw = dict(attention_mask=batch.attention_mask)
         if isinstance(model, MoEForCausalLM):
             kw["segment_ids"] = batch.segment_ids
+            if batch.logits_index is not None:
+                kw["logits_index"] = batch.logits_index
             if aux:
                 kw["return_aux_loss"] = True
         elif batch.segment_ids is not None:
@@ -178,33 +182,49 @@ class TorchLearner:
         logp_infer = sequence_tensor(ok, "logprobs", torch.float32)
         adv_seq = self._advantages(rewards, group_ids, mask).float()
 
-        # ---- 2. old-policy pass (no grad), in micro-batches
+        # ---- 2. old-policy log-probs and routing (no grad), in micro-batches
         logp_old = torch.zeros(n, max(lens))
         logp_ref = torch.zeros_like(logp_old) if self.ref_model is not None else None
         engine_rows, free_rows, recorded = [None] * n, [None] * n, [None] * n
         old_mode = {"off": "free", "R2": "record", "R3": "replay"}[cfg.replay]
-        with torch.no_grad():
-            for mb in _micro_batches(lens, list(range(n)), cfg.micro_batch_tokens):
-                batch = build_batch([ok[i] for i in mb], self.layout, cfg.layout, self._row_tokens(lens, mb),
-                                    with_routing=cfg.replay == "R3")
-                lp, _, _ = self._forward(batch, old_mode)
+        everything = list(range(n))
+        fused = cfg.fuse_old_pass and cfg.mini_batches == 1 and len(
+            _micro_batches(lens, everything, cfg.micro_batch_tokens)) == 1
+        fused_out = None
+
+        def take_old(mb: list[int], batch: ModelBatch, lp: torch.Tensor) -> None:
+            for j, i in enumerate(mb):
+                logp_old[i, : lens[i]] = lp[j, : lens[i]]
+            if self.hook is not None:
+                free = self._rows_per_sequence(self.hook.free_rows(), batch)
+                used = self._rows_per_sequence(self.hook.selected_rows(), batch)
                 for j, i in enumerate(mb):
-                    logp_old[i, : lens[i]] = lp[j, : lens[i]]
-                if self.hook is not None:
-                    free = self._rows_per_sequence(self.hook.free_rows(), batch)
-                    used = self._rows_per_sequence(self.hook.selected_rows(), batch)
-                    for j, i in enumerate(mb):
-                        free_rows[i], recorded[i] = free[j], used[j]
-                        engine_rows[i] = ok[i].routing.experts if ok[i].routing is not None else None
-                if self.ref_model is not None:
+                    free_rows[i], recorded[i] = free[j], used[j]
+                    engine_rows[i] = ok[i].routing.experts if ok[i].routing is not None else None
+            if self.ref_model is not None:
+                with torch.no_grad():
                     lp_ref, _, _ = self._forward(batch, "free", model=self.ref_model)
-                    for j, i in enumerate(mb):
-                        logp_ref[i, : lens[i]] = lp_ref[j, : lens[i]]
+                for j, i in enumerate(mb):
+                    logp_ref[i, : lens[i]] = lp_ref[j, : lens[i]]
+
+        if fused:  # the training forward (R2: recording is free routing, which replaying it reproduces)
+            batch = build_batch(ok, self.layout, cfg.layout, self._row_tokens(lens, everything),
+                                with_routing=cfg.replay == "R3").with_targets(mask)
+            lp, ent, aux = self._forward(batch, old_mode, aux=cfg.aux_loss_coef > 0)
+            take_old(everything, batch, lp.detach())
+            fused_out = (batch, lp, ent, aux)
+        else:
+            with torch.no_grad():
+                for mb in _micro_batches(lens, everything, cfg.micro_batch_tokens):
+                    batch = build_batch([ok[i] for i in mb], self.layout, cfg.layout, self._row_tokens(lens, mb),
+                                        with_routing=cfg.replay == "R3").with_targets(mask[mb])
+                    lp, _, _ = self._forward(batch, old_mode)
+                    take_old(mb, batch, lp)
         m.update(mismatch_metrics(logp_old, logp_infer, mask))
         if self.hook is not None and all(r is not None for r in engine_rows):
             m.update(self._routing_metrics(engine_rows, free_rows))
             m.update({f"rows_{k.removeprefix('rows_')}": float(v) for k, v in rows_report(ok, self.version).items()})
-        if cfg.replay == "R2":  # replay the learner's own old-policy routing in every update
+        if cfg.replay == "R2" and not fused:  # replay the learner's own old-policy routing in every update
             ok = [copy.copy(t) for t in ok]
             for t, r in zip(ok, recorded):
                 t.routing = RoutingRows(r, np.full(len(r), self.version, dtype=np.int64))
@@ -225,10 +245,13 @@ class TorchLearner:
         for mini in minis:
             self.opt.zero_grad(set_to_none=True)
             mini_tokens = max(1, int(train_mask[mini].sum()))
-            for mb in _micro_batches(lens, mini, cfg.micro_batch_tokens):
-                batch = build_batch([ok[i] for i in mb], self.layout, cfg.layout, self._row_tokens(lens, mb),
-                                    with_routing=cfg.replay != "off")
-                lp, ent, aux = self._forward(batch, rows_mode, aux=cfg.aux_loss_coef > 0)
+            for mb in ([everything] if fused else _micro_batches(lens, mini, cfg.micro_batch_tokens)):
+                if fused:
+                    batch, lp, ent, aux = fused_out
+                else:
+                    batch = build_batch([ok[i] for i in mb], self.layout, cfg.layout, self._row_tokens(lens, mb),
+                                        with_routing=cfg.replay != "off").with_targets(mask[mb])
+                    lp, ent, aux = self._forward(batch, rows_mode, aux=cfg.aux_loss_coef > 0)
                 w_share = (int(train_mask[mb].sum()) / mini_tokens if cfg.agg == "token-mean" and cfg.loss == "ppo"
                            else 1.0 if cfg.agg == "token-sum-norm" and cfg.loss == "ppo" else len(mb) / len(mini))
                 w = lp.shape[1]  # this micro-batch's longest sequence; the batch tensors are wider

@@ -265,21 +265,26 @@ class MoEForCausalLM(nn.Module):
         routing: torch.Tensor | None = None,
         routing_mask: torch.Tensor | None = None,
         return_aux_loss: bool = False,
+        logits_index: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, S]; attention_mask [B, S] (1 = real); segment_ids [B, S] (packing);
-        routing [B, S, moe_layers, k] replay rows, routing_mask [B, S] (True = replay this token)."""
+        routing [B, S, moe_layers, k] replay rows, routing_mask [B, S] (True = replay this token);
+        logits_index [K] int64 positions in the flattened [B*S] whose logits are wanted: then logits
+        are [K, V] (the LM head, the largest matmul of a small model, runs on those tokens only)."""
         hook = self.routing_replay
         if routing is not None:
             if hook is None:
                 raise ValueError("routing rows given to a dense model (no MoE layers)")
             with hook.replay(routing, routing_mask):
                 hook.expect_tokens(input_ids.numel())
-                return self._forward(input_ids, attention_mask, position_ids, segment_ids, return_aux_loss)
+                return self._forward(input_ids, attention_mask, position_ids, segment_ids, return_aux_loss,
+                                     logits_index)
         if hook is not None:
             hook.expect_tokens(input_ids.numel())
-        return self._forward(input_ids, attention_mask, position_ids, segment_ids, return_aux_loss)
+        return self._forward(input_ids, attention_mask, position_ids, segment_ids, return_aux_loss, logits_index)
 
-    def _forward(self, input_ids, attention_mask, position_ids, segment_ids, return_aux_loss) -> CausalLMOutput:
+    def _forward(self, input_ids, attention_mask, position_ids, segment_ids, return_aux_loss,
+                 logits_index=None) -> CausalLMOutput:
         cfg = self.config
         if position_ids is None:
             position_ids = default_positions(input_ids, attention_mask, segment_ids)
@@ -291,6 +296,8 @@ class MoEForCausalLM(nn.Module):
             hook.keep_probs = return_aux_loss
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask)
+        if logits_index is not None:
+            x = x.reshape(-1, x.shape[-1])[logits_index]
         logits = self.lm_head(self.model.norm(x))
         aux = None
         if return_aux_loss and hook is not None:

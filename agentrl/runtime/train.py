@@ -56,7 +56,8 @@ def prepare_model(recipe: Recipe, run: Path, log=print) -> str:
     tok = AutoTokenizer.from_pretrained(start)
     w = recipe.warmup
     lo = recipe.env.train_seeds[1] - w.demos  # demo tasks come from the end of the training range
-    demos = collect_demos(lambda: make(recipe.env.id, **recipe.env.kwargs), tok, range(lo, lo + w.demos))
+    demos = collect_demos(lambda: make(recipe.env.id, **recipe.env.kwargs), tok, range(lo, lo + w.demos),
+                          max_total_tokens=recipe.rollout.max_total_tokens)
     model = load_pretrained(start)
     t0 = time.perf_counter()
     losses = warm_up(model, demos, w.steps, batch_size=w.batch_size, lr=w.lr, seed=recipe.seed)

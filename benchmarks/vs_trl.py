@@ -1,0 +1,127 @@
+"""End-to-end GRPO updates/s: agentrl (async and sync) vs TRL's GRPOTrainer, same model, task, batch and
+machine, in one run.
+
+    pip install trl==1.16.0          # the baseline (not an agentrl dependency)
+    python benchmarks/vs_trl.py [--steps 12] [--warmup-steps 150]
+
+Setup shared by all rows: a tiny-moe checkpoint built here and warmed up briefly on the single-turn
+arith-v0 task (so rewards are mixed and advantages non-zero), 8 prompts x 8 samples per update,
+completions of at most 16 tokens at temperature 1, one AdamW step per update, fp32 training, no
+reference model (beta 0), no gradient checkpointing. TRL generates with transformers `generate`
+(its default without vLLM; the MoE experts run the eager path, which is 9x faster than grouped_mm on
+this CPU); agentrl generates with its embedded engine (bf16, routing rows captured) and trains with R3.
+Updates/s is measured between update ends, the first two updates excluded (start-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+P, G, MAX_NEW, LR = 8, 8, 16, 2e-4
+
+
+def prepare(out: Path, warmup_steps: int) -> str:
+    from transformers import AutoTokenizer
+
+    from agentrl.env import make
+    from agentrl.model import load_pretrained, save_pretrained
+    from agentrl.model.checkpoint import init_model
+    from agentrl.sft import collect_demos, warm_up
+
+    ckpt = init_model("tiny-moe", out / "init", seed=0)
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    demos = collect_demos(lambda: make("arith-v0"), tok, range(10_000, 10_000 + 1024))
+    model = load_pretrained(str(ckpt))
+    warm_up(model, demos, warmup_steps, batch_size=32, lr=2e-3, progress=False)
+    save_pretrained(model, out / "warm", tokenizer=tok)
+    return str(out / "warm")
+
+
+def run_agentrl(model: str, out: Path, mode: str, steps: int) -> tuple[float, float]:
+    from agentrl.recipe import parse_recipe
+    from agentrl.runtime.logging import read_metrics
+    from agentrl.runtime.train import train
+
+    recipe = parse_recipe({
+        "name": f"vs-trl-{mode}", "model": {"path": model}, "env": {"id": "arith-v0"},
+        "rollout": {"prompts_per_step": P, "group_size": G, "max_new_tokens": MAX_NEW, "temperature": 1.0},
+        "learner": {"lr": LR, "replay": "R3", "advantage": "grpo", "loss": "ppo"},
+        "runtime": {"mode": mode, "steps": steps, "max_staleness": 1, "checkpoint_every": 0},
+        "output": {"dir": str(out), "console": "quiet", "plots": False, "tensorboard": False},
+    })
+    t0 = time.perf_counter()
+    train(recipe)
+    wall = time.perf_counter() - t0
+    rows = [r for r in read_metrics(out / f"vs-trl-{mode}" / "metrics.jsonl") if "samples_per_s" in r]
+    step_s = statistics.mean(P * G / r["samples_per_s"] for r in rows[2:])
+    return 1.0 / step_s, wall
+
+
+def run_trl(model: str, out: Path, steps: int) -> tuple[float, float]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from agentrl.env import make
+
+    env = make("arith-v0")
+    rows = []
+    for seed in range(steps * P + P):
+        messages, _ = env.reset(seed=seed)
+        rows.append({"prompt": messages, "answer": str(env.current_task.answer)})
+
+    def reward(completions, answer, **_):
+        return [env.reward(type("T", (), {"answer": int(a)})(), [], c[-1]["content"]) for c, a in zip(completions, answer)]
+
+    ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    torch.set_num_threads(2)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, experts_implementation="eager")
+    tok = AutoTokenizer.from_pretrained(model)
+    cfg = GRPOConfig(output_dir=str(out / "trl"), per_device_train_batch_size=P * G, num_generations=G,
+                     max_completion_length=MAX_NEW, temperature=1.0, learning_rate=LR, max_steps=steps,
+                     beta=0.0, num_iterations=1, loss_type="grpo", use_cpu=True, bf16=False,
+                     gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1,
+                     shuffle_dataset=False, disable_tqdm=True)
+    trainer = GRPOTrainer(model=hf, reward_funcs=[reward], args=cfg, train_dataset=Dataset.from_list(rows),
+                          processing_class=tok, callbacks=[Clock()])
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    gaps = [b - a for a, b in zip(ends[1:], ends[2:])]
+    return 1.0 / statistics.mean(gaps), wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup-steps", type=int, default=150, help="supervised steps before RL (mixed rewards)")
+    args = ap.parse_args()
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        model = prepare(out, args.warmup_steps)
+        res = {"TRL GRPOTrainer": run_trl(model, out, args.steps)}
+        for mode in ("sync", "async"):
+            res[f"agentrl {mode}"] = run_agentrl(model, out, mode, args.steps)
+        ray.shutdown()
+    base = res["TRL GRPOTrainer"][0]
+    print(f"tiny-moe, arith-v0, {P}x{G} samples per update, <= {MAX_NEW} new tokens, {args.steps} updates")
+    print(f"{'':<18}{'updates/s':>10}{'s/update':>10}{'wall (s)':>10}{'vs TRL':>8}")
+    for name, (ups, wall) in res.items():
+        print(f"{name:<18}{ups:>10.3f}{1 / ups:>10.2f}{wall:>10.1f}{ups / base:>8.2f}")
+    print(f"agentrl async / TRL: {res['agentrl async'][0] / base:.2f}x (goal >= 3x)")
+
+
+if __name__ == "__main__":
+    main()
