@@ -67,12 +67,28 @@ def _load(args: argparse.Namespace):
         raise SystemExit(2) from None
 
 
+def _ray_auth_for(address: str | None) -> None:
+    """Clusters from `ray start` use token auth by default (Ray >= 2.59), but a driver joining one by
+    address sends no token unless RAY_AUTH_MODE=token (a token-mode driver joins clusters without auth
+    too). Ray reads the mode when it is imported, so this runs before `import ray`."""
+    import os
+    from pathlib import Path
+
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (
+        Path.home() / ".ray" / "auth_token").exists()
+    if address and "RAY_AUTH_MODE" not in os.environ and has_token and "ray" not in sys.modules:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def _train(args: argparse.Namespace) -> int:
-    from agentrl.runtime.train import train
+    import os
 
     recipe = _load(args)
     if args.address:
         recipe.runtime.address = args.address
+    _ray_auth_for(recipe.runtime.address or os.environ.get("RAY_ADDRESS"))
+    from agentrl.runtime.train import train
+
     summary = train(recipe, resume=args.resume)
     print(json.dumps({k: v for k, v in summary.items() if k != "trained_groups"}, indent=2))
     return 0
