@@ -20,7 +20,8 @@ turn and returns the messages to append: one ``{"role": "tool", "name", "content
 text order (a malformed block gets ``name=""``; every failure's content starts with ``"Error: "``);
 blocks past ``max_tool_calls_per_turn`` are not run and share one error message.
 A turn with no tool call and no malformed block is the final answer: the episode terminates with
-``reward(task, history, final_text)``. ``max_turns`` reached without an answer -> truncated, no final
+``reward(task, history, final_text)``; so does a turn in which a tool called ``self.end_episode(text)``
+(an ``answer`` / ``submit`` tool), with ``final_text = text``. ``max_turns`` reached without an answer -> truncated, no final
 reward. The step reward is ``turn_reward + final reward``; ``info["final_reward"]`` holds the latter
 (None until the episode terminates). Calls in one turn run one after another, in order, so stateful
 tools stay deterministic.
@@ -204,6 +205,8 @@ class ToolEnv(gymnasium.Env[list[Message], str]):
         self.observation_space = MessagesSpace()
         self.current_task: Task | None = None
         self.history: list[Message] = []
+        self.final_text: str | None = None
+        self._ending: str | None = None
         self._turn = 0
         self._done = True
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -243,6 +246,12 @@ class ToolEnv(gymnasium.Env[list[Message], str]):
         scripted reference policy, agentrl.sft). Envs that cannot script one leave this unimplemented."""
         raise NotImplementedError(f"{type(self).__name__} has no scripted demonstration")
 
+    def end_episode(self, final_text: str) -> None:
+        """For tools that finish the task (``answer``, ``submit``): the episode terminates after the current
+        turn, scored as a final answer whose text is ``final_text`` (``reward(task, history, final_text)``);
+        tool calls after this one in the same turn are not run and get an error."""
+        self._ending = str(final_text)
+
     # ---- gymnasium API ----
     def tool_schemas(self) -> list[dict[str, Any]]:
         """The tools as OpenAI function specs (the chat template's ``tools=``); fresh copies."""
@@ -259,6 +268,8 @@ class ToolEnv(gymnasium.Env[list[Message], str]):
         if self.system_prompt and not (messages and messages[0]["role"] == "system"):
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         self.current_task, self.history, self._turn, self._done = task, copy.deepcopy(messages), 0, False
+        self._ending: str | None = None
+        self.final_text: str | None = None  # the answer that ended the episode (for metrics)
         tools = self.tool_schemas() if self.tools_in_prompt else []
         return messages, {"tools": tools, "task_id": task.id or _hash_messages(task.messages)}
 
@@ -285,18 +296,28 @@ class ToolEnv(gymnasium.Env[list[Message], str]):
         self.history.append({"role": "assistant", "content": action})
         parsed = parse_tool_calls(action)
         results: list[ToolResult] = []
+        ended_by = ""
         for item in parsed.items[: self.max_tool_calls_per_turn]:
-            if isinstance(item, str):
+            if self._ending is not None:
+                results.append(ToolResult(getattr(item, "name", ""), getattr(item, "arguments", None),
+                                          f"Error: not run: the episode already ended ({ended_by} was called)", False))
+            elif isinstance(item, str):
                 results.append(ToolResult("", None, f"Error: {item}", False))
             else:
                 results.append(await self._run_call(item))
+                if self._ending is not None and results[-1].ok:
+                    ended_by = item.name
+                else:
+                    self._ending = None  # only a call that succeeded ends the episode
         if len(parsed.items) > self.max_tool_calls_per_turn:  # one message for the rest, however many
             results.append(ToolResult("", None, f"Error: {len(parsed.items) - self.max_tool_calls_per_turn} more "
                                       f"tool calls not run (at most {self.max_tool_calls_per_turn} per turn)", False))
-        terminated = not parsed.items
+        terminated = not parsed.items or self._ending is not None
         final_reward = None
         if terminated:
-            final_text = parsed.content.rsplit("</think>", 1)[-1].strip()
+            final_text = (self._ending if self._ending is not None
+                          else parsed.content.rsplit("</think>", 1)[-1].strip())
+            self.final_text = final_text
             final_reward = float(self.reward_fn(task, self.history, final_text))
         observation = [{"role": "tool", "name": r.name, "content": self._clip(r.content)} for r in results]
         self.history.extend(copy.deepcopy(observation))

@@ -195,7 +195,7 @@ def test_answer_tool_ends_the_episode_and_plain_text_still_answers():
     gold = env.current_task.answer[0]
     obs, reward, terminated, truncated, info = env.step(call("answer", text=gold + " indeed") + call("search", query="x"))
     assert terminated and not truncated and info["final_reward"] == reward == pytest.approx(f1(gold + " indeed", [gold]))
-    assert obs[1]["content"].startswith("Error: ") and "answer was already given" in obs[1]["content"]
+    assert obs[1]["content"].startswith("Error: ") and "episode already ended (answer was called)" in obs[1]["content"]
     with pytest.raises(RuntimeError):
         env.step("more")
     assert env.episode_metrics()["em"] == 0.0 and 0 < env.episode_metrics()["f1"] < 1

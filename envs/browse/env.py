@@ -7,9 +7,9 @@ with their part) and ``answer(text)``. Unknown URLs, other hosts, empty or over-
 pages past the last part are errors, which the base class turns into ``Error: ...`` observations.
 
 Ending an episode. In ``ToolEnv`` a turn without a tool call is the final answer; that still works
-here. ``answer(text)`` records the text, and ``astep`` (the one override) then ends the episode in
-that same turn: terminated, final reward = ``reward_fn(task, history, text)``, exactly what a plain
-final answer with that text would get. Tools called after ``answer`` in the same turn are refused.
+here. ``answer(text)`` calls ``ToolEnv.end_episode(text)``: the episode ends in that same turn,
+terminated, final reward = ``reward_fn(task, history, text)``, exactly what a plain final answer with
+that text would get. Tools called after ``answer`` in the same turn are refused by the base class.
 
 Reward: SQuAD exact match (``metric="em"``, default) or token F1 against the gold answers, or a
 judge ``"module:function"`` / callable ``(question, golds, prediction) -> float``.
@@ -32,7 +32,6 @@ import aiohttp
 import yarl
 
 from agentrl.env import Task, ToolEnv, tool
-from agentrl.tools import parse_tool_calls
 from envs.browse.corpus import html_to_text, load_corpus, load_questions, page_path
 from envs.browse.score import Judge, exact_match, f1
 from envs.browse.web import MAX_QUERY_CHARS, Site, site
@@ -97,8 +96,6 @@ class BrowseEnv(ToolEnv):
     def _new_episode(self) -> None:
         self.searches, self.opened, self.log = 0, set(), []
         self._page: tuple[str, str, list[str]] | None = None  # (path, title, parts)
-        self._answer: str | None = None
-        self._final: str | None = None
 
     # ---------------------------------------------------------------------------------- tasks
     def num_tasks(self) -> int:
@@ -129,7 +126,6 @@ class BrowseEnv(ToolEnv):
         Args:
             query: A few keywords, e.g. "Kelmo Works founder".
         """
-        self._still_running()
         self.searches += 1
         if not query.strip() or len(query) > MAX_QUERY_CHARS:
             raise ValueError(f"the query must have 1 to {MAX_QUERY_CHARS} characters")
@@ -150,7 +146,6 @@ class BrowseEnv(ToolEnv):
             url: The page's URL, e.g. "/page/kelmo-works".
             page: Which part of a long page to show, starting at 1.
         """
-        self._still_running()
         path, params = self._site_path(url)
         status, final, body = await self._get(path, params)
         if status == 404:
@@ -174,7 +169,6 @@ class BrowseEnv(ToolEnv):
         Args:
             pattern: The text to look for (case-insensitive), e.g. "founded in".
         """
-        self._still_running()
         if self._page is None:
             raise RuntimeError("no page is open; call open first")
         if not pattern.strip():
@@ -196,22 +190,11 @@ class BrowseEnv(ToolEnv):
         Args:
             text: The answer, as short as possible: a name, a year or a few words.
         """
-        self._still_running()
-        self._answer = text.strip()
-        self.log.append(f"answer {self._answer!r}")
-        return f"Answer recorded: {self._answer}"
+        self.end_episode(text.strip())
+        self.log.append(f"answer {text.strip()!r}")
+        return f"Answer recorded: {text.strip()}"
 
     # ------------------------------------------------------------------------ episode, reward
-    async def astep(self, action: str):
-        obs, reward, terminated, truncated, info = await super().astep(action)
-        if terminated:  # a turn without a tool call: its text is the answer (as the base class scored it)
-            self._final = parse_tool_calls(action).content.rsplit("</think>", 1)[-1].strip()
-        elif self._answer is not None:  # answer() was called this turn: end the episode with its text
-            final = float(self.reward_fn(self.current_task, self.history, self._answer))
-            self._done, self._final, info["final_reward"] = True, self._answer, final
-            return obs, reward + final, True, False, info
-        return obs, reward, terminated, truncated, info
-
     def reward(self, task: Task, history, final_text: str) -> float:
         if self.judge is not None:
             return float(self.judge(task.info["question"], task.answer, final_text))
@@ -219,7 +202,7 @@ class BrowseEnv(ToolEnv):
 
     def episode_metrics(self) -> dict[str, float]:
         golds = self.current_task.answer if self.current_task else []
-        prediction = self._final
+        prediction = self.final_text
         return {"em": exact_match(prediction, golds) if prediction is not None else 0.0,
                 "f1": f1(prediction, golds) if prediction is not None else 0.0,
                 "searches": float(self.searches), "pages_opened": float(len(self.opened))}
@@ -228,10 +211,6 @@ class BrowseEnv(ToolEnv):
         return {"browse_log.txt": "\n".join(self.log) + "\n"}
 
     # ------------------------------------------------------------------------------- internals
-    def _still_running(self) -> None:
-        if self._answer is not None:
-            raise RuntimeError("the episode is over: answer was already given")
-
     def _site_path(self, url: str) -> tuple[str, dict[str, str] | None]:
         """(request path, query params) on the site for a URL given by the model."""
         url = url.strip()
