@@ -257,3 +257,30 @@ def test_weights_of_another_architecture_are_refused(ckpt, tmp_path):
         assert eng.version == 0
         other_ids = init_model("tiny-moe", tmp_path / "same", seed=3, initializer_range=0.08)
         assert eng.update_weights_from_disk(other_ids) == 1  # same architecture, new weights: accepted
+
+
+def test_batched_sampling_follows_the_per_request_rule():
+    """`sample_batch` (what the engine runs) == `sample_one` row by row, seeded rows drawing the same
+    tokens from the same generators, for greedy, temperature, top-k and top-p rows mixed in one batch."""
+    from agentrl.engine.sampling import sample_batch, sample_one
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 50, generator=g) * 3
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5),
+              SamplingParams(temperature=1.3, top_p=0.8), SamplingParams(temperature=1.0, top_k=3, top_p=0.5),
+              SamplingParams(temperature=0.0, top_k=2), SamplingParams(temperature=2.0, top_p=0.95)]
+    for seed in range(20):
+        gens_a = [torch.Generator().manual_seed(seed * 100 + i) for i in range(7)]
+        gens_b = [torch.Generator().manual_seed(seed * 100 + i) for i in range(7)]
+        toks, lps = sample_batch(logits, params, gens_a)
+        for i, p in enumerate(params):
+            tok, lp = sample_one(logits[i], p, gens_b[i])
+            assert toks[i] == tok and lps[i] == pytest.approx(lp, abs=1e-5), (seed, i)
+    # unseeded rows share one draw; every token is allowed by its row's top-k / top-p
+    toks, _ = sample_batch(logits.repeat(30, 1), params * 30, [None] * 210)
+    for i, (tok, p) in enumerate(zip(toks, params * 30)):
+        row = logits[i % 7]
+        if p.top_k > 0:
+            assert tok in torch.topk(row, p.top_k).indices.tolist()
+        if p.temperature == 0:
+            assert tok == int(row.argmax())

@@ -37,7 +37,7 @@ import torch
 from agentrl.engine.forward import Segment, paged_forward
 from agentrl.engine.memory import SlotPool
 from agentrl.engine.radix import RadixCache
-from agentrl.engine.sampling import sample_one
+from agentrl.engine.sampling import sample_batch
 from agentrl.engine.types import GenerateOutput, GenerateRequest, RequestError
 from agentrl.model.checkpoint import fuse_experts, load_pretrained, read_state_dict
 from agentrl.model.modeling import MoEForCausalLM
@@ -336,6 +336,8 @@ class Engine:
         logits, rows, new_slots = paged_forward(self.model, self.pool, segs)
         self.pool.write_rows(new_slots, rows if self.cfg.capture_routing else None, self.version)
         self.counters["steps"] += 1
+        sampled = [r for seg, r in zip(segs, owners) if seg.want_logits]
+        toks, lps = sample_batch(logits, [r.req.sampling for r in sampled], [r.gen for r in sampled])
         j = 0
         for seg, r in zip(segs, owners):
             if len(seg.ids) == 1 and r.out_ids:
@@ -344,7 +346,7 @@ class Engine:
                 self.counters["prefilled_tokens"] += len(seg.ids)
             if not seg.want_logits:
                 continue
-            tok, lp = sample_one(logits[j], r.req.sampling, r.gen)
+            tok, lp = toks[j], lps[j]
             j += 1
             r.tokens.append(tok)
             r.out_ids.append(tok)
