@@ -11,6 +11,7 @@ import json
 import subprocess
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from gymnasium.utils.env_checker import check_env
@@ -230,3 +231,28 @@ def test_partial_credit():
     total = len(inst.FAIL_TO_PASS) + len(inst.PASS_TO_PASS)
     assert terminated and reward == pytest.approx(len(inst.PASS_TO_PASS) / total)
     env.close()
+
+
+def test_eval_recipe_gold_100_noop_0(tmp_path):
+    from agentrl.evaluate import evaluate
+    from agentrl.model.checkpoint import init_model
+    from agentrl.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    train = load_recipe(root / "swe_train.yaml")
+    env = make(train.env.id, **train.env.kwargs)
+    assert 0 < env.num_tasks() < len(INSTANCES)  # the training recipe holds projects out
+    env.close()
+    ckpt = init_model("tiny-moe", tmp_path / "m")
+    recipe = load_recipe(root / "swe_eval.yaml", [f"model.path={ckpt}", "model.init=null", "eval.episodes=4",
+                                                  "eval.samples=2", f"output.dir={tmp_path / 'runs'}"])
+    gold = evaluate(recipe, policy="gold", progress=False)
+    noop = evaluate(recipe, policy="noop", progress=False)
+    assert gold["episodes"] == noop["episodes"] == 8 and gold["tasks"] == 4
+    assert gold["reward_mean"] == gold["pass@2"] == gold["resolved_mean"] == 1.0
+    assert noop["reward_mean"] == noop["pass@2"] == noop["resolved_mean"] == 0.0
+    out = tmp_path / "runs" / "swe_eval" / "eval"
+    patches = sorted(out.glob("gold/*/patch.diff"))
+    assert len(patches) == 8 and {p.read_text() for p in patches} == {i.patch for i in INSTANCES[:4]}
+    assert all("passed" in p.read_text() for p in out.glob("gold/*/test_log.txt"))
+    assert all(p.read_text() == "" for p in out.glob("noop/*/patch.diff"))
