@@ -4,8 +4,8 @@ One episode = one SWE-bench instance (``options["task_index"]``, else drawn from
 gets the problem statement and a fresh checkout of the base commit at ``/workspace``, and the tools
 ``bash`` (confined by agentrl.sandbox), ``view_file``, ``str_replace``, ``create_file`` and ``submit``.
 ``submit`` grades the workspace (envs.swe.workspace.grade: test patch applied, FAIL_TO_PASS and
-PASS_TO_PASS run in the sandbox); the episode ends with the next turn without a tool call (an answer
-without a submit grades the workspace then). Reward: 1.0 when RESOLVED_FULL, else 0.0, or with
+PASS_TO_PASS run in the sandbox) and ends the episode; so does a turn without a tool call (the
+workspace is graded as it is). Reward: 1.0 when RESOLVED_FULL, else 0.0, or with
 ``partial_credit`` the fraction of F2P and P2P tests passing.
 
 The file tools run on the host, so they only open regular files whose real path (symlinks resolved)
@@ -35,7 +35,7 @@ SYSTEM_PROMPT = (
     "You are a software engineer fixing an issue in a Python repository checked out at /workspace. "
     "Explore it and run code with `bash` (grep, ls, python, python -m pytest), read files with `view_file`, "
     "edit with `str_replace` and `create_file`. Change the source code, not the tests. When the fix is "
-    "done, call `submit`, then reply with a one-line summary and no tool call.")
+    "done, call `submit`: it ends the episode and your changes are graded by the repository's tests.")
 
 
 class ToolError(Exception):
@@ -152,12 +152,11 @@ class SWEEnv(ToolEnv):
         return f"Wrote {path}."
 
     def submit(self) -> str:
-        """Submit the current state of /workspace as the fix. Then reply without a tool call."""
-        if self.grade_result is not None:
-            raise ToolError("already submitted")
+        """Submit the current state of /workspace as the fix; this ends the episode."""
         self._grade()
         self.submitted = True
-        return "Submitted. Reply with a one-line summary (no tool call) to finish."
+        self.end_episode("submitted")
+        return "Submitted."
 
     # ---- ToolEnv ----
     def num_tasks(self) -> int:
@@ -198,11 +197,11 @@ class SWEEnv(ToolEnv):
         return 0.0
 
     def demonstration(self, task: Task) -> list[str]:
-        """Apply the gold patch with one ``bash`` call (a heredoc into ``git apply``), submit, answer."""
+        """Apply the gold patch with one ``bash`` call (a heredoc into ``git apply``), then submit."""
         inst = next(i for i in self.instances if i.instance_id == task.id)
         patch = inst.patch if inst.patch.endswith("\n") else inst.patch + "\n"
         apply = f"git apply --verbose <<'AGENTRL_GOLD_PATCH'\n{patch}AGENTRL_GOLD_PATCH"
-        return [_call("bash", command=apply), _call("submit"), "Fixed the issue and submitted the change."]
+        return [_call("bash", command=apply), _call("submit")]
 
     def episode_metrics(self) -> dict[str, float]:
         r = self.grade_result
