@@ -197,7 +197,8 @@ def test_user_swe_bench_jsonl_round_trip(tmp_path, tok):
     inst = INSTANCES[3]
     # HF-style row: test lists as JSON strings, extra fields; the repository as a plain git directory
     row = {**inst.to_row(), "FAIL_TO_PASS": json.dumps(inst.FAIL_TO_PASS),
-           "PASS_TO_PASS": json.dumps(inst.PASS_TO_PASS), "environment_setup_commit": inst.base_commit, "hints_text": None}
+           "PASS_TO_PASS": json.dumps(inst.PASS_TO_PASS), "environment_setup_commit": inst.base_commit,
+           "hints_text": None}
     path = tmp_path / "mine.jsonl"
     path.write_text(json.dumps(row) + "\n")
     (tmp_path / "repos").mkdir()
