@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -149,7 +151,10 @@ def test_joins_a_cluster_started_with_ray_start(tmp_path):
     bindir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["TQDM_DISABLE"] = "1"
+    # its own --temp-dir (short: socket paths): the machine's "current cluster" record (/tmp/ray) is left alone
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     head = subprocess.Popen([str(bindir / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             f"--temp-dir={ray_tmp}",
                              "--include-dashboard=false", "--disable-usage-stats"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -164,6 +169,9 @@ def test_joins_a_cluster_started_with_ray_start(tmp_path):
             assert summary["steps"] == 1
             assert summary["ray"]["gcs_address"].rsplit(":", 1)[1] == str(port)  # the head's GCS, not a new cluster
         assert head.poll() is None  # the cluster outlives the runs that joined it
+        current = Path("/tmp/ray/ray_current_cluster")
+        assert not current.exists() or str(port) not in current.read_text()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

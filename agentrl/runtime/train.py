@@ -85,7 +85,9 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS") == "":
             del os.environ["RAY_ADDRESS"]  # set but empty: a local cluster, not an invalid address
-        ray.init(address=rt.address or os.environ.get("RAY_ADDRESS") or None, num_cpus=rt.num_cpus,
+        # no address: a new local instance ("local"), never the machine's last `ray start` cluster, which
+        # ray.init(address=None) would join and which may be long gone
+        ray.init(address=rt.address or os.environ.get("RAY_ADDRESS") or "local", num_cpus=rt.num_cpus,
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
     Engine, Worker, Learner = remote_classes(rt.max_restarts)
     from agentrl.model import load_config
