@@ -242,8 +242,9 @@ def test_runtime_trains_with_the_megatron_backend(tmp_path):
     assert (run / "weights" / "LATEST").exists()
 
 
-def _expert_parallel_worker(rank: int, port: int, out_dir: str) -> None:
-    """One of 2 gloo processes: EP=2 (each rank holds 4 of the 8 experts, the whole router)."""
+def _parallel_worker(rank: int, port: int, out_dir: str, kind: str) -> None:
+    """One of 2 gloo processes. expert: EP=2, each rank holds 4 of the 8 experts and the whole router;
+    pipeline: PP=2, rank 0 owns layers 0-1 and the embedding, rank 1 layers 2-3 and the LM head."""
     import torch.distributed as dist
 
     from agentrl.learner.mcore.model import McoreParallel
@@ -252,31 +253,39 @@ def _expert_parallel_worker(rank: int, port: int, out_dir: str) -> None:
     apply_cpu_shim()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     ours = our_model(VARIANTS["qwen3-moe"]).eval()  # the same seed: the same weights on both ranks
-    m = McoreCausalLM(ours.config, McoreParallel(expert=2))
-    m.load_state_dict(ours.state_dict())
-    local = [k for k in m.gpt.state_dict() if ".local_experts." in k and k.endswith("linear_fc1.weight")]
-    back = m.state_dict()  # gathered from both ranks
     cfg = ours.config
+    m = McoreCausalLM(cfg, McoreParallel(expert=2) if kind == "expert" else McoreParallel(pipeline=2))
+    m.load_state_dict(ours.state_dict())
+    mine = m.gpt.state_dict()
+    back, sd = m.state_dict(), ours.state_dict()  # gathered from both ranks
     ids = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(6))
     seg = torch.tensor([[0] * 4 + [1] * 6, [2] * 8 + [-1] * 2])
     rows = random_rows((2, 10, len(cfg.moe_layers)), cfg.num_experts, cfg.num_experts_per_tok, seed=7)
-    with m.routing_replay.replay(rows):
-        logits = m(ids, segment_ids=seg).logits
-    logits[seg >= 0].sum().backward()
     with torch.no_grad(), ours.routing_replay.replay(rows):
         expected = ours(ids, segment_ids=seg).logits
-    sd = ours.state_dict()
-    torch.save({"local_experts": len(local), "round_trip": all(torch.equal(back[k], v) for k, v in sd.items()),
-                "keys": back.keys() == sd.keys(),
-                "used": m.routing_replay.selected_rows(), "rows": rows.reshape(20, *rows.shape[2:]),
-                "max_diff": float((logits - expected)[seg >= 0].abs().max()),
-                "expert_grads": sum(int(p.grad is not None and p.grad.abs().sum() > 0)
-                                    for n, p in m.named_parameters() if ".local_experts." in n)},
-               f"{out_dir}/rank{rank}.pt")
+    stage_input = None
+    if kind == "pipeline" and rank == 1:
+        stage_input = torch.empty(10, 2, cfg.hidden_size)
+        dist.recv(stage_input, src=0)
+    with m.routing_replay.replay(rows):
+        out = m(ids, segment_ids=seg, stage_input=stage_input).logits
+    result = {"round_trip": back.keys() == sd.keys() and all(torch.equal(back[k], v) for k, v in sd.items()),
+              "local_experts": len([k for k in mine if ".local_experts." in k and k.endswith("linear_fc1.weight")]),
+              "local_layers": sorted({int(k.split(".")[2]) for k in mine if k.startswith("decoder.layers.")}),
+              "columns": m.routing_replay.columns, "used": m.routing_replay.selected_rows(),
+              "rows": rows.reshape(20, *rows.shape[2:]), "max_diff": None}
+    if kind == "pipeline" and rank == 0:
+        dist.send(out.detach().contiguous(), dst=1)  # this stage's hidden states [S, B, H]
+    else:
+        result["max_diff"] = float((out - expected)[seg >= 0].abs().max())
+        out[seg >= 0].sum().backward()
+        result["expert_grads"] = sum(int(p.grad is not None and p.grad.abs().sum() > 0)
+                                     for n, p in m.named_parameters() if ".local_experts." in n)
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_expert_parallel_over_two_gloo_processes(tmp_path):
+def run_two_processes(tmp_path, kind):
     import socket
 
     import torch.multiprocessing as mp
@@ -284,11 +293,23 @@ def test_expert_parallel_over_two_gloo_processes(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_expert_parallel_worker, args=(port, str(tmp_path)), nprocs=2)
-    for rank in (0, 1):
-        r = torch.load(tmp_path / f"rank{rank}.pt")
+    mp.spawn(_parallel_worker, args=(port, str(tmp_path), kind), nprocs=2)
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+def test_expert_parallel_over_two_gloo_processes(tmp_path):
+    for r in run_two_processes(tmp_path, "expert"):
         assert r["local_experts"] == 4 * 4  # 4 MoE layers x 4 local experts
-        assert r["keys"] and r["round_trip"]  # sharded on load, gathered again by state_dict()
+        assert r["round_trip"]  # sharded on load, gathered again by state_dict()
         assert torch.equal(r["used"], r["rows"])  # R3 rows are global expert ids: no slicing under EP
         assert r["max_diff"] < 1e-5  # experts on the other rank computed their tokens
         assert r["expert_grads"] > 0
+
+
+def test_pipeline_parallel_over_two_gloo_processes(tmp_path):
+    first, last = run_two_processes(tmp_path, "pipeline")
+    assert first["local_layers"] == last["local_layers"] == [0, 1]  # local numbers on each stage
+    assert first["round_trip"] and last["round_trip"]
+    assert first["columns"] == [0, 1] and last["columns"] == [2, 3]  # the MoE layers each stage owns
+    assert torch.equal(first["used"], first["rows"][:, :2]) and torch.equal(last["used"], last["rows"][:, 2:])
+    assert last["max_diff"] < 1e-5 and last["expert_grads"] > 0  # stage 1 finished stage 0's forward

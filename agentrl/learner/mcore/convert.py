@@ -24,8 +24,11 @@ H/G query heads, then its key head, then its value head, each head_dim rows. Swi
 cat(gate, up) along the output dim, which is exactly agentrl's fused `gate_up_proj[e]`.
 Expert parallelism: rank r of an expert-parallel group of size P holds experts
 [r E/P, (r+1) E/P) under local numbers 0 .. E/P - 1 (`shard_experts` / `merge_expert_shards`);
-every other tensor, the router included, is whole on every rank. Tensor and pipeline slicing
-(local layer numbers, split qkv / fc1 / vocab) are not converted here.
+every other tensor, the router included, is whole on every rank.
+Pipeline parallelism: stage r of P owns layers [r N/P, (r+1) N/P) under local numbers (megatron's
+even split), the first stage the embedding, the last the final norm and output layer
+(`shard_stage` / `merge_stage_shards`). Tensor-parallel slicing (split qkv / fc1 / vocab) is not
+converted here.
 """
 
 from __future__ import annotations
@@ -161,4 +164,38 @@ def merge_expert_shards(shards: list[dict[str, torch.Tensor]], cfg: MoEConfig) -
                 out.setdefault(k, v)
             else:
                 out[f"{m.group(1)}{int(m.group(2)) + start}{m.group(3)}"] = v
+    return out
+
+
+def stage_layers(cfg: MoEConfig, rank: int, size: int) -> range:
+    """The global layer indices pipeline stage `rank` of `size` owns (megatron's even split)."""
+    if cfg.num_hidden_layers % size:
+        raise ValueError(f"num_hidden_layers={cfg.num_hidden_layers} is not divisible by pipeline size {size}")
+    per = cfg.num_hidden_layers // size
+    return range(rank * per, (rank + 1) * per)
+
+
+def shard_stage(state: dict[str, torch.Tensor], cfg: MoEConfig, rank: int, size: int) -> dict[str, torch.Tensor]:
+    """A whole megatron state dict -> what pipeline stage `rank` holds (local layer numbers)."""
+    if cfg.tie_word_embeddings and size > 1:
+        raise NotImplementedError("tied embeddings under pipeline parallelism are not converted")
+    mine, out = stage_layers(cfg, rank, size), {}
+    for k, v in state.items():
+        m = _LAYER.match(k)
+        if m is not None:
+            if int(m.group(1)) in mine:
+                out[f"decoder.layers.{int(m.group(1)) - mine.start}.{m.group(2)}"] = v
+        elif k.startswith("embedding.") and rank == 0 or not k.startswith("embedding.") and rank == size - 1:
+            out[k] = v
+    return out
+
+
+def merge_stage_shards(shards: list[dict[str, torch.Tensor]], cfg: MoEConfig) -> dict[str, torch.Tensor]:
+    """The state dicts of all pipeline stages, in stage order -> the whole state dict."""
+    out = {}
+    for rank, shard in enumerate(shards):
+        start = stage_layers(cfg, rank, len(shards)).start
+        for k, v in shard.items():
+            m = _LAYER.match(k)
+            out[f"decoder.layers.{int(m.group(1)) + start}.{m.group(2)}" if m else k] = v
     return out

@@ -13,11 +13,18 @@ row offset (it ignores position ids). A padded batch is right-padded, so row off
 positions; a packed row gets a block-diagonal causal mask, and since RoPE attention depends only on
 the distance between query and key, restarting positions per segment changes nothing.
 Hidden states inside megatron are sequence-first `[S, B, H]`; routers see tokens in that order.
+
+Parallelism (McoreParallel). Expert parallel: each rank holds E/P experts, `load_state_dict` keeps
+this rank's, `state_dict` gathers them. Pipeline parallel: each stage holds its layers (embedding
+on the first, LM head on the last); a later stage takes the previous one's output as
+`stage_input`. Both are exercised over 2 gloo processes in tests/test_megatron.py; training with
+them (schedules, gradient sync) is not wired into MegatronLearner, which runs world size 1.
+Tensor parallel is refused (weights are not split for it); sequence parallel would also need
+Transformer Engine or Apex norms (megatron/core/transformer/torch_norm.py:32 refuses it).
 """
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -109,21 +116,16 @@ def transformer_config(cfg: MoEConfig, parallel: McoreParallel = McoreParallel()
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_parallel(parallel: McoreParallel = McoreParallel()) -> None:
-    """A world-size-1 gloo process group (unless one exists) and megatron's parallel state. Idempotent."""
+    """A world-size-1 gloo process group (unless the caller made one, e.g. of several processes) and
+    megatron's parallel state. Idempotent."""
     from megatron.core import parallel_state
 
     apply_cpu_shim()
     dist = torch.distributed
-    if not dist.is_initialized():
-        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl",
-                                init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    if not dist.is_initialized():  # world size 1: an in-memory store, no port to find or lose
+        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl", store=dist.HashStore(),
+                                rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
         have = McoreParallel(parallel_state.get_tensor_model_parallel_world_size(),
                              parallel_state.get_expert_model_parallel_world_size(),
@@ -142,8 +144,12 @@ def build_gpt(cfg: MoEConfig, parallel: McoreParallel = McoreParallel()):
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.moe.router_replay import RouterReplay
 
+    from megatron.core import parallel_state
+
     init_parallel(parallel)
     tcfg = transformer_config(cfg, parallel)
+    if parallel.pipeline > 1 and cfg.tie_word_embeddings:
+        raise NotImplementedError("tied embeddings under pipeline parallelism are not supported")
     if cfg.moe_layers:
         spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm")
     else:
@@ -151,7 +157,9 @@ def build_gpt(cfg: MoEConfig, parallel: McoreParallel = McoreParallel()):
     before = len(RouterReplay.global_router_replay_instances)
     gpt = GPTModel(tcfg, spec, vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_position_embeddings,
                    position_embedding_type="rope", rotary_base=int(cfg.rope_theta),
-                   share_embeddings_and_output_weights=cfg.tie_word_embeddings, parallel_output=False)
+                   share_embeddings_and_output_weights=cfg.tie_word_embeddings, parallel_output=False,
+                   pre_process=parallel_state.is_pipeline_first_stage(),
+                   post_process=parallel_state.is_pipeline_last_stage())
     # each router registered a RouterReplay in megatron's process-wide list; replay.py drives the
     # instances of this model directly, so the global list must not keep them (or this model) alive
     del RouterReplay.global_router_replay_instances[before:]
@@ -166,6 +174,8 @@ class McoreCausalLM(nn.Module):
         super().__init__()
         from agentrl.learner.mcore.replay import McoreRoutingReplay
 
+        if parallel.tensor > 1:
+            raise NotImplementedError("tensor-parallel weight slicing is not implemented in the megatron-core backend")
         self.config, self.parallel = cfg, parallel
         self.gpt = build_gpt(cfg, parallel)
         self.routing_replay = McoreRoutingReplay.attach(self.gpt, cfg) if cfg.moe_layers else None
@@ -174,25 +184,32 @@ class McoreCausalLM(nn.Module):
         """The whole model in HF names (under expert parallelism, gathered from the expert group)."""
         from megatron.core import parallel_state
 
-        from agentrl.learner.mcore.convert import mcore_to_hf, merge_expert_shards
+        from agentrl.learner.mcore.convert import mcore_to_hf, merge_expert_shards, merge_stage_shards
 
         state = {k: v for k, v in self.gpt.state_dict().items() if not k.endswith("_extra_state")}
-        if self.parallel.expert > 1:
-            shards = [None] * self.parallel.expert
-            torch.distributed.all_gather_object(shards, state, group=parallel_state.get_expert_model_parallel_group())
-            state = merge_expert_shards(shards, self.config)
+        for size, group, merge in ((self.parallel.expert, parallel_state.get_expert_model_parallel_group(),
+                                    merge_expert_shards),
+                                   (self.parallel.pipeline, parallel_state.get_pipeline_model_parallel_group(),
+                                    merge_stage_shards)):
+            if size > 1:
+                shards = [None] * size
+                torch.distributed.all_gather_object(shards, state, group=group)
+                state = merge(shards, self.config)
         return mcore_to_hf(state, self.config)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True):
         """Load a whole HF-named state dict (this rank keeps its experts under expert parallelism)."""
         from megatron.core import parallel_state
 
-        from agentrl.learner.mcore.convert import hf_to_mcore, shard_experts
+        from agentrl.learner.mcore.convert import hf_to_mcore, shard_experts, shard_stage
 
         mstate = hf_to_mcore(state, self.config)
         if self.parallel.expert > 1:
             mstate = shard_experts(mstate, self.config, parallel_state.get_expert_model_parallel_rank(),
                                    self.parallel.expert)
+        if self.parallel.pipeline > 1:
+            mstate = shard_stage(mstate, self.config, parallel_state.get_pipeline_model_parallel_rank(),
+                                 self.parallel.pipeline)
         missing, unexpected = self.gpt.load_state_dict(mstate, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if strict and (missing or unexpected):
@@ -200,10 +217,15 @@ class McoreCausalLM(nn.Module):
         return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, return_aux_loss: bool = False) -> CausalLMOutput:
-        """input_ids [B, S]; attention_mask [B, S] (1 = real, right padding); segment_ids [B, S] (packing)."""
+                segment_ids: torch.Tensor | None = None, return_aux_loss: bool = False,
+                stage_input: torch.Tensor | None = None) -> CausalLMOutput:
+        """input_ids [B, S]; attention_mask [B, S] (1 = real, right padding); segment_ids [B, S] (packing).
+        Pipeline stages after the first take the previous stage's output `stage_input` [S, B, H]; stages
+        before the last return their hidden states [S, B, H] in `logits`."""
         b, s = input_ids.shape
-        dev = self.gpt.embedding.word_embeddings.weight.device  # the GPU when there is one; inputs come from CPU
+        if stage_input is not None:
+            self.gpt.set_input_tensor(stage_input.to(next(self.gpt.parameters()).device))
+        dev = next(self.gpt.parameters()).device  # the GPU when there is one; inputs come from CPU
         allowed = build_attention_mask(None if attention_mask is None else attention_mask.to(dev),
                                        None if segment_ids is None else segment_ids.to(dev), s, dev)
         mask = None if allowed is None else ~allowed

@@ -77,8 +77,10 @@ class MaskedRouterReplay(RouterReplay):
 class McoreRoutingReplay:
     """agentrl's replay interface over the MoE routers of one megatron GPTModel (in layer order)."""
 
-    def __init__(self, replays: list[MaskedRouterReplay], num_experts: int, top_k: int) -> None:
-        self.replays, self.num_layers, self.num_experts, self.top_k = replays, len(replays), num_experts, top_k
+    def __init__(self, replays: list[MaskedRouterReplay], columns: list[int], num_moe_layers: int, num_experts: int,
+                 top_k: int) -> None:
+        self.replays, self.columns = replays, columns  # columns: each router's MoE layer index in a row
+        self.num_layers, self.num_experts, self.top_k = num_moe_layers, num_experts, top_k
         self.shape: tuple[int, int] | None = None  # (B, S) of the current / last forward
         self.active = False
 
@@ -87,13 +89,14 @@ class McoreRoutingReplay:
         from megatron.core.transformer.moe.router import TopKRouter
 
         routers = [m for m in gpt.modules() if isinstance(m, TopKRouter)]
-        if len(routers) != len(cfg.moe_layers):
-            raise RuntimeError(f"megatron model: {len(routers)} routers, config: {len(cfg.moe_layers)} MoE layers")
+        # a router's layer_number is its global 1-based layer: a pipeline stage owns some MoE layers only
+        columns = [cfg.moe_layers.index(r.layer_number - 1) for r in routers]
         for r in routers:
             if r.router_replay is None:
                 raise RuntimeError("routers were built without moe_enable_routing_replay")
             r.router_replay = MaskedRouterReplay(r)
-        return cls([r.router_replay for r in routers], cfg.num_experts, cfg.num_experts_per_tok)
+        return cls([r.router_replay for r in routers], columns, len(cfg.moe_layers), cfg.num_experts,
+                   cfg.num_experts_per_tok)
 
     def begin_forward(self, batch: int, seq: int, keep_scores: bool = False) -> None:
         """Called by the model before each forward: the batch shape (for token order) and the checks."""
@@ -117,8 +120,8 @@ class McoreRoutingReplay:
         seq_first = rows.transpose(0, 1).reshape(-1, self.num_layers, self.top_k).long()
         m = None if mask is None else mask.transpose(0, 1).reshape(-1).bool()
         with self._mode(RouterReplayAction.REPLAY_FORWARD):
-            for i, rp in enumerate(self.replays):
-                rp.set_target_indices(seq_first[:, i].contiguous())
+            for col, rp in zip(self.columns, self.replays):
+                rp.set_target_indices(seq_first[:, col].contiguous())
                 rp.target_mask = m
             yield self
 
@@ -149,7 +152,7 @@ class McoreRoutingReplay:
             raise RuntimeError(f"no {what} routing captured yet: run a forward first")
         b, s = self.shape
         rows = torch.stack(per_layer, dim=1).cpu()  # [S*B, L, k], sequence-first
-        return rows.view(s, b, self.num_layers, self.top_k).transpose(0, 1).reshape(b * s, self.num_layers, self.top_k)
+        return rows.view(s, b, len(per_layer), self.top_k).transpose(0, 1).reshape(b * s, len(per_layer), self.top_k)
 
     def selected_rows(self) -> torch.Tensor:
         """Experts used in the last forward, `[B*S, L, k]` int64, batch-major."""
