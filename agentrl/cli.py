@@ -5,6 +5,7 @@
     agentrl serve --model DIR --port P                   the embedded engine behind SGLang's HTTP API
     agentrl train RECIPE [key.sub=value ...] [--resume]  the RL run a recipe describes (Ray, async or sync)
     agentrl eval RECIPE [--policy model|gold|noop] [--base-url URL [--api sglang|openai]]
+    agentrl bench mismatch [--quick] [--out results.json] training-inference mismatch: dense / MoE / MoE+R3
 """
 
 from __future__ import annotations
@@ -102,6 +103,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_mismatch(args: argparse.Namespace) -> int:
+    from agentrl.bench.mismatch import main
+
+    main(quick=args.quick, out=args.out, plot=args.plot, moe_preset=args.moe_preset, dense_preset=args.dense_preset,
+         warmup_steps=args.warmup_steps, demos=args.demos, episodes=args.episodes, max_new_tokens=args.max_new_tokens,
+         engine_dtype=args.engine_dtype, seed=args.seed, out_dir=args.out_dir, sglang=args.sglang or None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentrl", description="Asynchronous RL for LLM agents, MoE-first (R3).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -161,6 +171,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="API of --base-url: sglang = native /generate (default), openai = /v1/chat/completions")
     e.add_argument("--model", default=None, help="checkpoint to evaluate (default: the run's latest)")
     e.set_defaults(func=_eval)
+
+    b = sub.add_parser("bench", help="benchmarks on the real engine and learner")
+    bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    m = bsub.add_parser("mismatch", help="training-inference mismatch: dense vs MoE vs MoE+R3 (agentrl.bench.mismatch)",
+                        description="Warm up a MoE and a dense model, play held-out episodes on the bf16 embedded "
+                                    "engine, score them with the fp32 learner (free routing, R3 replay, dense); "
+                                    "print the table, write results.json and a CDF plot of max(r, 1/r).")
+    m.add_argument("--quick", action="store_true", help="tiny presets, short warm-up (about a minute)")
+    m.add_argument("--out", default=None, help="results JSON (default: OUT_DIR/results.json)")
+    m.add_argument("--plot", default=None, help="CDF plot PNG (default: OUT_DIR/ratio_cdf.png)")
+    m.add_argument("--out-dir", default=None, help="checkpoints and outputs (default: runs/bench_mismatch)")
+    m.add_argument("--moe-preset", choices=sorted(PRESETS), default=None)
+    m.add_argument("--dense-preset", choices=sorted(PRESETS), default=None)
+    m.add_argument("--warmup-steps", type=int, default=None)
+    m.add_argument("--demos", type=int, default=None, help="demonstration episodes for warm-up")
+    m.add_argument("--episodes", type=int, default=None, help="held-out episodes each engine plays")
+    m.add_argument("--max-new-tokens", type=int, default=None, help="tokens per assistant turn")
+    m.add_argument("--engine-dtype", choices=["bfloat16", "float32", "float16"], default=None)
+    m.add_argument("--seed", type=int, default=None)
+    m.add_argument("--sglang", action="store_true", help="also the real SGLang server on CPU (if its venv exists)")
+    m.set_defaults(func=_bench_mismatch)
     return p
 
 

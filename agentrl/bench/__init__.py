@@ -1,0 +1,1 @@
+"""Benchmarks that need agentrl's real parts end to end (`agentrl bench ...`)."""
