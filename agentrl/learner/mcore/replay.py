@@ -15,6 +15,10 @@ so the router keeps its gradient. `record()` uses `RECORD`; `get_recorded_indice
 selection. The instances of one model are driven directly rather than through megatron's
 process-wide list, so two models (policy and reference, or two tests) never see each other's rows.
 
+Layers: rows hold every MoE layer; each router takes the column of its own layer (its global
+`layer_number`), so a pipeline stage replays exactly the layers it owns. Expert parallelism needs no
+slicing: every rank's router scores all experts and rows hold global expert ids.
+
 Token order: megatron's hidden states are `[S, B, H]`, so router token t = s * B + b. agentrl's rows
 are batch-major `[B, S, L, k]`; they are transposed here, and `selected_rows` / `free_rows` come
 back batch-major `[B * S, L, k]` like agentrl's hook.
@@ -155,7 +159,7 @@ class McoreRoutingReplay:
         return rows.view(s, b, len(per_layer), self.top_k).transpose(0, 1).reshape(b * s, len(per_layer), self.top_k)
 
     def selected_rows(self) -> torch.Tensor:
-        """Experts used in the last forward, `[B*S, L, k]` int64, batch-major."""
+        """Experts used in the last forward, `[B*S, L, k]` int64, batch-major (L = this model's MoE layers)."""
         return self._batch_major([rp.used for rp in self.replays], "selected")
 
     def free_rows(self) -> torch.Tensor:
