@@ -114,7 +114,8 @@ async def _play(recipe: Recipe, policy: str, api: str, engine, tok, layout, jobs
     ev = recipe.eval
     sampling = SamplingParams(temperature=ev.temperature, max_new_tokens=recipe.rollout.max_new_tokens)
     sem = asyncio.Semaphore(recipe.rollout.concurrency)
-    bar = tqdm(total=len(jobs), desc=f"eval ({policy})", disable=not progress)
+    quiet = {} if progress else {"disable": True}  # (passing disable=False would override TQDM_DISABLE)
+    bar = tqdm(total=len(jobs), desc=f"eval ({policy})", **quiet)
 
     async def one(job: EvalJob) -> EvalRecord:
         env = make(recipe.env.id, **recipe.env.kwargs)
