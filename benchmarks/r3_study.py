@@ -1,7 +1,8 @@
 """The R3 collapse study driver: one shared warm-up, then every variant of recipes/r3_study/ x seeds.
 
-    python benchmarks/r3_study.py                      # 7 variants x 1 seed, small-moe (see README for timing)
-    python benchmarks/r3_study.py --quick              # tiny-moe, short warm-up, 8 steps each: a few minutes
+    python benchmarks/r3_study.py                      # profile "hour": 7 variants x 1 seed, tiny-moe, < 1 h
+    python benchmarks/r3_study.py --quick              # profile "quick": 8 steps per variant, a few minutes
+    python benchmarks/r3_study.py --profile recipe     # the recipes as written: small-moe (hours on 2 CPU cores)
     python benchmarks/r3_study.py --variants grpo grpo_r3 --seeds 0 1 --steps 100 --lr 1e-3
     python benchmarks/r3_study_report.py runs/r3_study # the table and plots again, from the run dirs
 
@@ -10,6 +11,12 @@ Owns: the order of the study (warm up once with the recipes' `warmup` section, i
 checkpoint with `warmup: null`), skipping runs that already finished (summary.json), and calling the
 report. Does not own: training (agentrl.runtime.train), collapse detection (agentrl.algo.collapse)
 or the report (r3_study_report.py).
+
+Profiles. The recipes describe the study on `small-moe`; on 2 CPU cores one small-moe warm-up step
+takes ~13 s and one RL step ~10 s, so the recipes as written need hours. The default profile keeps
+the recipes' env, rollout and learner sections and swaps in `tiny-moe` with a short warm-up, which
+fits the whole study (7 variants) in under an hour here; `--preset/--warmup-steps/--steps` override
+any profile.
 
 Seeds change the learner seed and the training task order (env.train_seeds starts at seed x 100000),
 so runs of different seeds see different rollouts.
@@ -26,7 +33,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "r3_study"
 VARIANTS = ("grpo", "grpo_tis", "grpo_r3", "grpo_tis_r3", "gspo", "gspo_r3", "grpo_metropolis")
-QUICK = {"preset": "tiny-moe", "warmup_steps": 150, "demos": 512, "steps": 8}
+PROFILES = {  # None = the recipes' value
+    "hour": {"preset": "tiny-moe", "warmup_steps": 150, "demos": 1024, "steps": 100},
+    "quick": {"preset": "tiny-moe", "warmup_steps": 150, "demos": 1024, "steps": 8},
+    "recipe": {"preset": None, "warmup_steps": None, "demos": None, "steps": None},
+}
 
 
 def warm(out: Path, preset: str, warmup_steps: int, demos: int, seed: int) -> Path:
@@ -79,8 +90,10 @@ def run_study(out: Path, variants: list[str], seeds: list[int], steps: int, pres
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/r3_study", help="study directory (one sub-directory per run)")
-    p.add_argument("--quick", action="store_true", help=f"short version: {QUICK}")
+    p.add_argument("--out", default=None, help="study directory, one sub-directory per run (default: "
+                                               "runs/r3_study, runs/r3_study_quick, runs/r3_study_recipe)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="hour", help=f"{PROFILES}")
+    p.add_argument("--quick", action="store_true", help="= --profile quick")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the recipes' 60)")
@@ -98,17 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     base = load_recipe(RECIPES / f"{VARIANTS[0]}.yaml")
     defaults = {"preset": base.model.init.preset, "warmup_steps": base.warmup.steps, "demos": base.warmup.demos,
                 "steps": base.runtime.steps}
-    if args.quick:
-        defaults.update(QUICK)
+    profile = "quick" if args.quick else args.profile
+    defaults.update({k: v for k, v in PROFILES[profile].items() if v is not None})
     pick = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
     extra = list(args.overrides) + ([f"learner.lr={args.lr}"] if args.lr is not None else [])
-    out = Path(args.out)
+    out = Path(args.out or ("runs/r3_study" if profile == "hour" else f"runs/r3_study_{profile}"))
     run_study(out, args.variants, args.seeds, pick["steps"], pick["preset"], pick["warmup_steps"], pick["demos"],
               extra, fresh=args.fresh)
     sys.path.insert(0, str(Path(__file__).parent))
     from r3_study_report import report
 
-    report(out, Path(args.docs), prefix="r3_study_quick" if args.quick else "r3_study")
+    report(out, Path(args.docs), prefix="r3_study" if profile == "hour" else f"r3_study_{profile}")
     return 0
 
 
