@@ -7,15 +7,16 @@
     python benchmarks/r3_study_report.py runs/r3_study # the table and plots again, from the run dirs
 
 Owns: the order of the study (warm up once with the recipes' `warmup` section, into
-{out}/warm_{preset}_w{steps}; then `agentrl train` per variant and seed as a subprocess, from that
-checkpoint with `warmup: null`), skipping runs that already finished (summary.json), and calling the
-report. Does not own: training (agentrl.runtime.train), collapse detection (agentrl.algo.collapse)
-or the report (r3_study_report.py).
+{out}/../r3_study_warm/{preset}_w{steps}_d{demos}_s{seed}; then `agentrl train` per variant and
+seed as a subprocess, from that checkpoint with `warmup: null`), skipping runs that already
+finished (summary.json), and calling the report. Does not own: training (agentrl.runtime.train),
+collapse detection (agentrl.algo.collapse) or the report (r3_study_report.py).
 
 Profiles. The recipes describe the study on `small-moe`; on 2 CPU cores one small-moe warm-up step
 takes ~13 s and one RL step ~10 s, so the recipes as written need hours. The default profile keeps
-the recipes' env, rollout and learner sections and swaps in `tiny-moe` with a short warm-up, which
-fits the whole study (7 variants) in under an hour here; `--preset/--warmup-steps/--steps` override
+the recipes' env, rollout and learner sections and swaps in `tiny-moe` with the quickstart's
+600-step warm-up (~4 min) and 80 steps per variant (~5 min each at ~3.5 s per sync step), about
+45 minutes for the 7 variants here; `--preset/--warmup-steps/--steps` override
 any profile.
 
 Seeds change the learner seed and the training task order (env.train_seeds starts at seed x 100000),
@@ -34,18 +35,19 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "r3_study"
 VARIANTS = ("grpo", "grpo_tis", "grpo_r3", "grpo_tis_r3", "gspo", "gspo_r3", "grpo_metropolis")
 PROFILES = {  # None = the recipes' value
-    "hour": {"preset": "tiny-moe", "warmup_steps": 150, "demos": 1024, "steps": 100},
-    "quick": {"preset": "tiny-moe", "warmup_steps": 150, "demos": 1024, "steps": 8},
+    "hour": {"preset": "tiny-moe", "warmup_steps": 600, "demos": 2048, "steps": 80},
+    "quick": {"preset": "tiny-moe", "warmup_steps": 600, "demos": 2048, "steps": 8},
     "recipe": {"preset": None, "warmup_steps": None, "demos": None, "steps": None},
 }
 
 
-def warm(out: Path, preset: str, warmup_steps: int, demos: int, seed: int) -> Path:
-    """The shared warm checkpoint (made once; reused by every variant and later invocations)."""
+def warm(root: Path, preset: str, warmup_steps: int, demos: int, seed: int) -> Path:
+    """The shared warm checkpoint under `root` (made once; reused by every variant, profile and later
+    invocation with the same settings)."""
     from agentrl.recipe import load_recipe
     from agentrl.runtime.train import prepare_model
 
-    run = out / f"warm_{preset}_w{warmup_steps}_d{demos}_s{seed}"
+    run = root / f"{preset}_w{warmup_steps}_d{demos}_s{seed}"
     recipe = load_recipe(RECIPES / f"{VARIANTS[0]}.yaml", [f"model.init.preset={preset}", f"model.init.seed={seed}",
                                                             f"warmup.steps={warmup_steps}", f"warmup.demos={demos}",
                                                             f"seed={seed}"])
@@ -60,10 +62,10 @@ def train_command(variant: str, seed: int, warm_dir: Path, out: Path, steps: int
 
 
 def run_study(out: Path, variants: list[str], seeds: list[int], steps: int, preset: str, warmup_steps: int,
-              demos: int, extra: list[str], fresh: bool = False) -> list[Path]:
+              demos: int, extra: list[str], fresh: bool = False, warm_root: Path | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    warm_dir = warm(out, preset, warmup_steps, demos, seeds[0])
+    warm_dir = warm(warm_root or out.parent / "r3_study_warm", preset, warmup_steps, demos, seeds[0])
     print(f"warm checkpoint: {warm_dir} ({time.perf_counter() - t0:.0f}s)", flush=True)
     runs = []
     for variant in variants:
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-steps", type=int, default=None, help="shared warm-up steps (default: the recipes')")
     p.add_argument("--demos", type=int, default=None, help="warm-up demonstrations (default: the recipes')")
     p.add_argument("--lr", type=float, default=None, help="learner lr for every variant (default: the recipes')")
+    p.add_argument("--warm-root", default=None, help="where shared warm checkpoints live (default: "
+                                                     "OUT/../r3_study_warm)")
     p.add_argument("--fresh", action="store_true", help="run again even where summary.json exists")
     p.add_argument("--docs", default="docs", help="where the report's plots go")
     p.add_argument("overrides", nargs="*", help="extra key.sub=value overrides for every run")
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = list(args.overrides) + ([f"learner.lr={args.lr}"] if args.lr is not None else [])
     out = Path(args.out or ("runs/r3_study" if profile == "hour" else f"runs/r3_study_{profile}"))
     run_study(out, args.variants, args.seeds, pick["steps"], pick["preset"], pick["warmup_steps"], pick["demos"],
-              extra, fresh=args.fresh)
+              extra, fresh=args.fresh, warm_root=Path(args.warm_root) if args.warm_root else None)
     sys.path.insert(0, str(Path(__file__).parent))
     from r3_study_report import report
 

@@ -51,7 +51,11 @@ def summarize_run(run: Path, rule: CollapseRule = CollapseRule()) -> dict:
     c = detect_collapse(reward, f2, rule, steps=steps.tolist())
     s = smooth(reward, rule.window)
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
-    mean = lambda key: float(np.nanmean(series(records, key)[1])) if series(records, key)[1].size else float("nan")  # noqa: E731
+
+    def mean(key: str) -> float:
+        y = series(records, key)[1]
+        return float(np.nanmean(y)) if y.size else float("nan")
+
     return {
         "run": run.name, "variant": m["variant"] if m else run.name, "seed": int(m["seed"]) if m else 0,
         "steps": int(steps[-1]), "best": c.best, "best_step": c.best_step, "collapsed": c.collapsed,

@@ -263,8 +263,8 @@ def run_mismatch(cfg: MismatchConfig, out: str | Path | None = None, plot: str |
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
     short = {"mismatch_kl": "KL(k3)", "extreme_frac_1.5": "F(1.5)", "extreme_frac_2": "F(2)",
-             "extreme_frac_5": "F(5)", "routing_disagree_any": "route!=used", "routing_disagree_free_any": "route!=free",
-             "tokens": "tokens"}
+             "extreme_frac_5": "F(5)", "routing_disagree_any": "route!=used",
+             "routing_disagree_free_any": "route!=free", "tokens": "tokens"}
     lines = [f"{'row':<14}" + "".join(f"{short[c]:>13}" for c in TABLE_COLS)]
     for row in ROWS:
         if row in results:
