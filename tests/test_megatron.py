@@ -1,4 +1,5 @@
-"""The megatron-core learner backend on CPU (gloo, world size 1): weights, logits, replay, updates, runtime."""
+"""The megatron-core learner backend on CPU (gloo): weights, logits, replay, updates, runtime at world size 1;
+expert / pipeline / tensor parallel forward over two gloo processes."""
 
 import copy
 import json
@@ -10,7 +11,7 @@ import yaml
 
 from agentrl.learner.batch import build_batch
 from agentrl.learner.learner import LearnerConfig, TorchLearner
-from agentrl.learner.mcore import McoreCausalLM, MegatronLearner
+from agentrl.learner.mcore import McoreCausalLM, McoreParallel, MegatronLearner
 from agentrl.learner.mcore.convert import hf_to_mcore, mcore_to_hf
 from agentrl.learner.megatron_shim import apply_cpu_shim
 from agentrl.model.config import preset
@@ -81,6 +82,8 @@ def test_unsupported_variants_are_refused_clearly():
         McoreCausalLM(preset("tiny-moe-sigmoid", norm_topk_prob=False))
     with pytest.raises(ValueError, match="top-1 softmax"):
         McoreCausalLM(preset("tiny-moe", num_experts_per_tok=1))
+    with pytest.raises(NotImplementedError, match="tensor x expert parallelism needs sequence parallelism"):
+        McoreCausalLM(preset("tiny-moe"), McoreParallel(tensor=2, expert=2))
     with pytest.raises(ValueError, match="bfloat16.*float32"):
         MegatronLearner(MoEForCausalLM(preset("tiny-moe")), LearnerConfig(dtype="bfloat16"))
 
@@ -313,3 +316,84 @@ def test_pipeline_parallel_over_two_gloo_processes(tmp_path):
     assert first["columns"] == [0, 1] and last["columns"] == [2, 3]  # the MoE layers each stage owns
     assert torch.equal(first["used"], first["rows"][:, :2]) and torch.equal(last["used"], last["rows"][:, 2:])
     assert last["max_diff"] < 1e-5 and last["expert_grads"] > 0  # stage 1 finished stage 0's forward
+
+
+def _tensor_parallel_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of 2 gloo processes, TP=2, for every variant: each rank holds half of every qkv / proj / fc1 /
+    fc2 / vocab matrix (routed experts included) and whole norms and routers."""
+    import torch.distributed as dist
+
+    from agentrl.learner.mcore.convert import merge_tensor_parallel_shards
+
+    torch.set_num_threads(1)
+    apply_cpu_shim()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    results = {}
+    for name, cfg in VARIANTS.items():
+        ours = our_model(cfg).eval()  # the same seed: the same weights on both ranks
+        sd = ours.state_dict()
+        m = McoreCausalLM(cfg, McoreParallel(tensor=2))
+        m.load_state_dict(sd)  # strict: every key present, every slice the shape megatron built
+        m.eval()  # megatron refuses to train an MoE layer under TP without sequence parallel
+        mine = {k: v for k, v in m.gpt.state_dict().items() if not k.endswith("_extra_state")}
+        shards = [None, None]
+        dist.all_gather_object(shards, mine)
+        merged, whole = merge_tensor_parallel_shards(shards, cfg), hf_to_mcore(sd, cfg)
+        back = m.state_dict()  # gathered from both ranks, in HF names
+        ids = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(6))
+        seg = torch.tensor([[0] * 4 + [1] * 6, [2] * 8 + [-1] * 2])
+        real = seg >= 0
+        r = {"merged_exact": merged.keys() == whole.keys() and all(torch.equal(merged[k], v) for k, v in whole.items()),
+             "round_trip": back.keys() == sd.keys() and all(torch.equal(back[k], v) for k, v in sd.items()),
+             "split": {k: (tuple(v.shape), tuple(whole[k].shape)) for k, v in mine.items()}}
+        with torch.no_grad():
+            expected, out = ours(ids, segment_ids=seg).logits, m(ids, segment_ids=seg).logits
+        r["logits"], r["max_diff"] = out, float((out - expected)[real].abs().max())
+        assert expected.abs().max() > 0.1  # not a degenerate model
+        if cfg.moe_layers:
+            rows = random_rows((2, 10, len(cfg.moe_layers)), cfg.num_experts, cfg.num_experts_per_tok, seed=7)
+            has = torch.rand(2, 10, generator=torch.Generator().manual_seed(8)) > 0.25
+            with torch.no_grad():
+                with ours.routing_replay.replay(rows, has):
+                    expected = ours(ids, segment_ids=seg).logits
+                with m.routing_replay.replay(rows, has):
+                    out = m(ids, segment_ids=seg).logits
+            r["replay_diff"] = float((out - expected)[real].abs().max())
+            r["used"], r["free"] = m.routing_replay.selected_rows(), m.routing_replay.free_rows()
+            r["rows"], r["has"] = rows.reshape(20, *rows.shape[2:]), has.reshape(-1)
+        results[name] = r
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_tensor_parallel_over_two_gloo_processes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_tensor_parallel_worker, args=(port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for name, cfg in VARIANTS.items():
+        for r in ranks:
+            r = r[name]
+            assert r["merged_exact"], name  # merge_tensor_parallel_shards inverts what each rank loaded
+            assert r["round_trip"], name  # HF -> shards on load, shards -> HF in state_dict()
+            split = r["split"]  # (this rank's shape, the whole shape) of every megatron tensor
+            halved = {k for k, (mine, whole) in split.items() if mine != whole}
+            assert "embedding.word_embeddings.weight" in halved  # vocab parallel
+            assert split["decoder.layers.0.self_attention.linear_qkv.weight"][0][0] == (
+                cfg.num_key_value_heads // 2 * (cfg.num_attention_heads // cfg.num_key_value_heads + 2) * cfg.head_dim)
+            assert not any("norm" in k or "router" in k for k in halved)  # replicated
+            assert all(k.endswith(("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight",
+                                   "word_embeddings.weight", "output_layer.weight")) for k in halved)
+            assert r["max_diff"] < 1e-5, name  # gathered vocab-parallel logits == MoEForCausalLM's
+            if cfg.moe_layers:
+                assert r["replay_diff"] < 1e-5, name
+                # routing sees whole hidden states on every TP rank: R3 rows need no slicing
+                assert torch.equal(r["used"][r["has"]], r["rows"][r["has"]]), name
+                assert torch.equal(r["used"][~r["has"]], r["free"][~r["has"]]), name
+                assert not torch.equal(r["used"], r["free"]), name  # the rows did change the routing
+        assert torch.equal(ranks[0][name]["logits"], ranks[1][name]["logits"]), name

@@ -27,8 +27,18 @@ Expert parallelism: rank r of an expert-parallel group of size P holds experts
 every other tensor, the router included, is whole on every rank.
 Pipeline parallelism: stage r of P owns layers [r N/P, (r+1) N/P) under local numbers (megatron's
 even split), the first stage the embedding, the last the final norm and output layer
-(`shard_stage` / `merge_stage_shards`). Tensor-parallel slicing (split qkv / fc1 / vocab) is not
-converted here.
+(`shard_stage` / `merge_stage_shards`).
+Tensor parallelism (`shard_tensor_parallel` / `merge_tensor_parallel_shards`), rank r of T:
+  column-parallel (split the output dim, dim 0, into T contiguous blocks): linear_qkv (its rows are
+    grouped by KV group, so rank r gets KV groups [r G/T, (r+1) G/T) with their query heads),
+    the word embedding and the output layer (vocab-parallel: rows [r V/T, (r+1) V/T));
+  gated column-parallel: every linear_fc1 (dense MLP, shared experts, routed experts) is
+    cat(gate, up) whole but cat(gate_r, up_r) on rank r (each of gate and up split in T blocks);
+  row-parallel (split the input dim, dim 1): linear_proj and every linear_fc2;
+  replicated: norms (q/k layernorms included), the router and its expert bias.
+Routed experts are split like that over megatron's expert-tensor-parallel group, whose size defaults
+to the tensor-parallel size (model_parallel_config.py:413); without expert parallelism that group is
+the tensor-parallel group, so one rank number serves both.
 """
 
 from __future__ import annotations
@@ -198,4 +208,59 @@ def merge_stage_shards(shards: list[dict[str, torch.Tensor]], cfg: MoEConfig) ->
         for k, v in shard.items():
             m = _LAYER.match(k)
             out[f"decoder.layers.{int(m.group(1)) + start}.{m.group(2)}" if m else k] = v
+    return out
+
+
+def _tp_rule(key: str) -> str:
+    """How megatron splits a tensor over tensor-parallel ranks: "rows", "cols", "gated" or "whole"."""
+    if key in ("embedding.word_embeddings.weight", "output_layer.weight") or key.endswith("linear_qkv.weight"):
+        return "rows"
+    if key.endswith("linear_fc1.weight"):
+        return "gated"
+    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return "cols"
+    return "whole"
+
+
+def _check_tp(cfg: MoEConfig, size: int) -> None:
+    for what, n in (("vocab_size", cfg.vocab_size), ("num_key_value_heads", cfg.num_key_value_heads),
+                    ("intermediate_size", cfg.intermediate_size), ("moe_intermediate_size", cfg.moe_intermediate_size)):
+        if n % size:
+            raise ValueError(f"{what}={n} is not divisible by tensor parallel size {size}")
+
+
+def shard_tensor_parallel(state: dict[str, torch.Tensor], cfg: MoEConfig, rank: int,
+                          size: int) -> dict[str, torch.Tensor]:
+    """A whole megatron state dict -> the slices tensor-parallel rank `rank` of `size` holds."""
+    _check_tp(cfg, size)
+    out = {}
+    for k, v in state.items():
+        rule = _tp_rule(k)
+        if rule == "rows":
+            out[k] = v.chunk(size, dim=0)[rank]
+        elif rule == "cols":
+            out[k] = v.chunk(size, dim=1)[rank]
+        elif rule == "gated":
+            gate, up = v.chunk(2, dim=0)
+            out[k] = torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]])
+        else:
+            out[k] = v
+    return out
+
+
+def merge_tensor_parallel_shards(shards: list[dict[str, torch.Tensor]], cfg: MoEConfig) -> dict[str, torch.Tensor]:
+    """The state dicts of all ranks of a tensor-parallel group, in rank order -> the whole state dict."""
+    out = {}
+    for k, v in shards[0].items():
+        parts = [shard[k] for shard in shards]
+        rule = _tp_rule(k)
+        if rule == "rows":
+            out[k] = torch.cat(parts, dim=0)
+        elif rule == "cols":
+            out[k] = torch.cat(parts, dim=1)
+        elif rule == "gated":
+            halves = [p.chunk(2, dim=0) for p in parts]
+            out[k] = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+        else:
+            out[k] = v
     return out

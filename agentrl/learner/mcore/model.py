@@ -17,10 +17,15 @@ Hidden states inside megatron are sequence-first `[S, B, H]`; routers see tokens
 Parallelism (McoreParallel). Expert parallel: each rank holds E/P experts, `load_state_dict` keeps
 this rank's, `state_dict` gathers them. Pipeline parallel: each stage holds its layers (embedding
 on the first, LM head on the last); a later stage takes the previous one's output as
-`stage_input`. Both are exercised over 2 gloo processes in tests/test_megatron.py; training with
-them (schedules, gradient sync) is not wired into MegatronLearner, which runs world size 1.
-Tensor parallel is refused (weights are not split for it); sequence parallel would also need
-Transformer Engine or Apex norms (megatron/core/transformer/torch_norm.py:32 refuses it).
+`stage_input`. Tensor parallel: each rank holds its slices of qkv / proj / fc1 / fc2 / vocab
+(convert.py says which), routed experts included (expert-tensor-parallel size = tensor-parallel
+size, megatron's default); logits come back gathered over the vocab. All three are exercised over 2
+gloo processes in tests/test_megatron.py; training with them (schedules, gradient sync) is not wired
+into MegatronLearner, which runs world size 1. Sequence parallel stays off: it needs Transformer
+Engine or Apex norms (megatron/core/transformer/torch_norm.py:32 refuses it), and without it
+megatron refuses to *train* an MoE layer under tensor parallelism
+(megatron/core/transformer/moe/moe_layer.py:379; forward in eval mode works) and wants it for
+tensor x expert parallelism (model_parallel_config.py:440), so tensor x expert is refused here.
 """
 
 from __future__ import annotations
@@ -174,20 +179,24 @@ class McoreCausalLM(nn.Module):
         super().__init__()
         from agentrl.learner.mcore.replay import McoreRoutingReplay
 
-        if parallel.tensor > 1:
-            raise NotImplementedError("tensor-parallel weight slicing is not implemented in the megatron-core backend")
+        if parallel.tensor > 1 and parallel.expert > 1:
+            raise NotImplementedError("tensor x expert parallelism needs sequence parallelism "
+                                      "(megatron/core/model_parallel_config.py:440), which needs TE or Apex norms")
         self.config, self.parallel = cfg, parallel
         self.gpt = build_gpt(cfg, parallel)
         self.routing_replay = McoreRoutingReplay.attach(self.gpt, cfg) if cfg.moe_layers else None
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        """The whole model in HF names (under expert parallelism, gathered from the expert group)."""
+        """The whole model in HF names (under model parallelism, gathered from the other ranks)."""
         from megatron.core import parallel_state
 
-        from agentrl.learner.mcore.convert import mcore_to_hf, merge_expert_shards, merge_stage_shards
+        from agentrl.learner.mcore.convert import (mcore_to_hf, merge_expert_shards, merge_stage_shards,
+                                                   merge_tensor_parallel_shards)
 
         state = {k: v for k, v in self.gpt.state_dict().items() if not k.endswith("_extra_state")}
-        for size, group, merge in ((self.parallel.expert, parallel_state.get_expert_model_parallel_group(),
+        for size, group, merge in ((self.parallel.tensor, parallel_state.get_tensor_model_parallel_group(),
+                                    merge_tensor_parallel_shards),
+                                   (self.parallel.expert, parallel_state.get_expert_model_parallel_group(),
                                     merge_expert_shards),
                                    (self.parallel.pipeline, parallel_state.get_pipeline_model_parallel_group(),
                                     merge_stage_shards)):
@@ -198,12 +207,15 @@ class McoreCausalLM(nn.Module):
         return mcore_to_hf(state, self.config)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True):
-        """Load a whole HF-named state dict (this rank keeps its experts under expert parallelism)."""
+        """Load a whole HF-named state dict (this rank keeps its part under model parallelism)."""
         from megatron.core import parallel_state
 
-        from agentrl.learner.mcore.convert import hf_to_mcore, shard_experts, shard_stage
+        from agentrl.learner.mcore.convert import hf_to_mcore, shard_experts, shard_stage, shard_tensor_parallel
 
         mstate = hf_to_mcore(state, self.config)
+        if self.parallel.tensor > 1:
+            mstate = shard_tensor_parallel(mstate, self.config, parallel_state.get_tensor_model_parallel_rank(),
+                                           self.parallel.tensor)
         if self.parallel.expert > 1:
             mstate = shard_experts(mstate, self.config, parallel_state.get_expert_model_parallel_rank(),
                                    self.parallel.expert)
