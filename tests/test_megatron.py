@@ -1,8 +1,9 @@
 """The megatron-core learner backend on CPU (gloo): weights, logits, replay, updates, runtime at world size 1;
-expert / pipeline / tensor parallel forward over two gloo processes."""
+expert / pipeline / tensor parallel forward (and backward) over two gloo processes."""
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -319,8 +320,8 @@ def test_pipeline_parallel_over_two_gloo_processes(tmp_path):
 
 
 def _tensor_parallel_worker(rank: int, port: int, out_dir: str) -> None:
-    """One of 2 gloo processes, TP=2, for every variant: each rank holds half of every qkv / proj / fc1 /
-    fc2 / vocab matrix (routed experts included) and whole norms and routers."""
+    """One of 2 gloo processes, TP=2, for every variant: each rank holds half of every qkv / proj / vocab
+    matrix and of dense / shared-expert fc1 / fc2, and whole norms, routers and routed experts."""
     import torch.distributed as dist
 
     from agentrl.learner.mcore.convert import merge_tensor_parallel_shards
@@ -353,14 +354,28 @@ def _tensor_parallel_worker(rank: int, port: int, out_dir: str) -> None:
         if cfg.moe_layers:
             rows = random_rows((2, 10, len(cfg.moe_layers)), cfg.num_experts, cfg.num_experts_per_tok, seed=7)
             has = torch.rand(2, 10, generator=torch.Generator().manual_seed(8)) > 0.25
-            with torch.no_grad():
-                with ours.routing_replay.replay(rows, has):
-                    expected = ours(ids, segment_ids=seg).logits
-                with m.routing_replay.replay(rows, has):
-                    out = m(ids, segment_ids=seg).logits
+            with ours.routing_replay.replay(rows, has):
+                expected = ours(ids, segment_ids=seg).logits
+            with m.routing_replay.replay(rows, has):
+                out = m(ids, segment_ids=seg).logits
             r["replay_diff"] = float((out - expected)[real].abs().max())
             r["used"], r["free"] = m.routing_replay.selected_rows(), m.routing_replay.free_rows()
             r["rows"], r["has"] = rows.reshape(20, *rows.shape[2:]), has.reshape(-1)
+        else:
+            expected, out = ours(ids, segment_ids=seg).logits, m(ids, segment_ids=seg).logits
+        # backward through the TP collectives (a gradient check, not training): the gathered grads are ours
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+        (expected * weight)[real].sum().backward()
+        (out * weight)[real].sum().backward()
+        grads = [None, None]
+        dist.all_gather_object(grads, {k: p.grad for k, p in m.gpt.named_parameters()})
+        for k in grads[0]:  # q/k layernorms see only this rank's heads: megatron sums their grads over TP
+            if "q_layernorm" in k or "k_layernorm" in k:  # (megatron/core/distributed/finalize_model_grads.py:355)
+                grads[0][k] = grads[1][k] = grads[0][k] + grads[1][k]
+        merged_grads = merge_tensor_parallel_shards(grads, cfg)
+        hf = mcore_to_hf({k: merged_grads.get(k, torch.zeros_like(v)) for k, v in whole.items()}, cfg)
+        r["grad_diff"] = {n: float((hf[n] - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-6))
+                          for n, p in ours.named_parameters()}
         results[name] = r
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -383,13 +398,15 @@ def test_tensor_parallel_over_two_gloo_processes(tmp_path):
             assert r["round_trip"], name  # HF -> shards on load, shards -> HF in state_dict()
             split = r["split"]  # (this rank's shape, the whole shape) of every megatron tensor
             halved = {k for k, (mine, whole) in split.items() if mine != whole}
-            assert "embedding.word_embeddings.weight" in halved  # vocab parallel
-            assert split["decoder.layers.0.self_attention.linear_qkv.weight"][0][0] == (
+            split_names = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight",
+                           "word_embeddings.weight", "output_layer.weight")  # the rest (norms, routers) is whole
+            assert halved == {k for k in split if k.endswith(split_names) and ".local_experts." not in k}
+            assert all(math.prod(mine) * 2 == math.prod(whole) for k, (mine, whole) in split.items() if k in halved)
+            assert split["decoder.layers.0.self_attention.linear_qkv.weight"][0][0] == (  # half of the KV groups
                 cfg.num_key_value_heads // 2 * (cfg.num_attention_heads // cfg.num_key_value_heads + 2) * cfg.head_dim)
-            assert not any("norm" in k or "router" in k for k in halved)  # replicated
-            assert all(k.endswith(("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight",
-                                   "word_embeddings.weight", "output_layer.weight")) for k in halved)
             assert r["max_diff"] < 1e-5, name  # gathered vocab-parallel logits == MoEForCausalLM's
+            worst = max(r["grad_diff"], key=r["grad_diff"].get)
+            assert r["grad_diff"][worst] < 2e-5, (name, worst, r["grad_diff"][worst])  # relative to the grad's max
             if cfg.moe_layers:
                 assert r["replay_diff"] < 1e-5, name
                 # routing sees whole hidden states on every TP rank: R3 rows need no slicing

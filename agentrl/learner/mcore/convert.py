@@ -32,13 +32,11 @@ Tensor parallelism (`shard_tensor_parallel` / `merge_tensor_parallel_shards`), r
   column-parallel (split the output dim, dim 0, into T contiguous blocks): linear_qkv (its rows are
     grouped by KV group, so rank r gets KV groups [r G/T, (r+1) G/T) with their query heads),
     the word embedding and the output layer (vocab-parallel: rows [r V/T, (r+1) V/T));
-  gated column-parallel: every linear_fc1 (dense MLP, shared experts, routed experts) is
-    cat(gate, up) whole but cat(gate_r, up_r) on rank r (each of gate and up split in T blocks);
-  row-parallel (split the input dim, dim 1): linear_proj and every linear_fc2;
-  replicated: norms (q/k layernorms included), the router and its expert bias.
-Routed experts are split like that over megatron's expert-tensor-parallel group, whose size defaults
-to the tensor-parallel size (model_parallel_config.py:413); without expert parallelism that group is
-the tensor-parallel group, so one rank number serves both.
+  gated column-parallel: linear_fc1 of dense MLPs and shared experts is cat(gate, up) whole but
+    cat(gate_r, up_r) on rank r (each of gate and up split in T blocks);
+  row-parallel (split the input dim, dim 1): linear_proj and those linear_fc2;
+  replicated: norms (q/k layernorms included), the router and its expert bias, and the routed
+    experts: model.py sets expert_tensor_parallel_size=1 (see there why).
 """
 
 from __future__ import annotations
@@ -215,6 +213,8 @@ def _tp_rule(key: str) -> str:
     """How megatron splits a tensor over tensor-parallel ranks: "rows", "cols", "gated" or "whole"."""
     if key in ("embedding.word_embeddings.weight", "output_layer.weight") or key.endswith("linear_qkv.weight"):
         return "rows"
+    if ".local_experts." in key:
+        return "whole"
     if key.endswith("linear_fc1.weight"):
         return "gated"
     if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
@@ -224,7 +224,8 @@ def _tp_rule(key: str) -> str:
 
 def _check_tp(cfg: MoEConfig, size: int) -> None:
     for what, n in (("vocab_size", cfg.vocab_size), ("num_key_value_heads", cfg.num_key_value_heads),
-                    ("intermediate_size", cfg.intermediate_size), ("moe_intermediate_size", cfg.moe_intermediate_size)):
+                    ("intermediate_size", cfg.intermediate_size),
+                    ("shared expert size", cfg.moe_intermediate_size * cfg.n_shared_experts)):
         if n % size:
             raise ValueError(f"{what}={n} is not divisible by tensor parallel size {size}")
 

@@ -18,8 +18,13 @@ Parallelism (McoreParallel). Expert parallel: each rank holds E/P experts, `load
 this rank's, `state_dict` gathers them. Pipeline parallel: each stage holds its layers (embedding
 on the first, LM head on the last); a later stage takes the previous one's output as
 `stage_input`. Tensor parallel: each rank holds its slices of qkv / proj / fc1 / fc2 / vocab
-(convert.py says which), routed experts included (expert-tensor-parallel size = tensor-parallel
-size, megatron's default); logits come back gathered over the vocab. All three are exercised over 2
+(convert.py says which) and whole norms, routers and routed experts; logits come back gathered over
+the vocab. Routed experts are whole because expert_tensor_parallel_size is set to 1: megatron's
+default (= the tensor-parallel size, model_parallel_config.py:413) is exact in the forward but,
+without sequence parallel, doubles expert gradients per TP rank: the allgather dispatcher gathers
+the (identical) tokens of every TP rank (moe/token_dispatcher.py:265-275), so each token passes every
+expert shard TP times, and the reduce-scatter's backward hands each copy the full output gradient.
+With size 1 each TP rank runs its experts whole on its own (whole) tokens. All three are exercised over 2
 gloo processes in tests/test_megatron.py; training with them (schedules, gradient sync) is not wired
 into MegatronLearner, which runs world size 1. Sequence parallel stays off: it needs Transformer
 Engine or Apex norms (megatron/core/transformer/torch_norm.py:32 refuses it), and without it
@@ -116,6 +121,7 @@ def transformer_config(cfg: MoEConfig, parallel: McoreParallel = McoreParallel()
         tensor_model_parallel_size=parallel.tensor,
         expert_model_parallel_size=parallel.expert,
         pipeline_model_parallel_size=parallel.pipeline,
+        expert_tensor_parallel_size=1,  # routed experts whole on every TP rank (module docstring)
         pipeline_dtype=torch.float32 if parallel.pipeline > 1 else None,
         **moe,
     )
@@ -140,7 +146,8 @@ def init_parallel(parallel: McoreParallel = McoreParallel()) -> None:
         return
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor,
                                              pipeline_model_parallel_size=parallel.pipeline,
-                                             expert_model_parallel_size=parallel.expert)
+                                             expert_model_parallel_size=parallel.expert,
+                                             expert_tensor_parallel_size=1)
 
 
 def build_gpt(cfg: MoEConfig, parallel: McoreParallel = McoreParallel()):
