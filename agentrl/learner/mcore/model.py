@@ -21,10 +21,12 @@ on the first, LM head on the last); a later stage takes the previous one's outpu
 (convert.py says which) and whole norms, routers and routed experts; logits come back gathered over
 the vocab. Routed experts are whole because expert_tensor_parallel_size is set to 1: megatron's
 default (= the tensor-parallel size, model_parallel_config.py:413) is exact in the forward but,
-without sequence parallel, doubles expert gradients per TP rank: the allgather dispatcher gathers
-the (identical) tokens of every TP rank (moe/token_dispatcher.py:265-275), so each token passes every
-expert shard TP times, and the reduce-scatter's backward hands each copy the full output gradient.
-With size 1 each TP rank runs its experts whole on its own (whole) tokens. All three are exercised over 2
+without sequence parallel, multiplies expert gradients by TP (2x measured at TP=2): the allgather
+dispatcher gathers the (identical) tokens of every TP rank (moe/token_dispatcher.py:265-275), so each
+token passes every expert shard TP times, and the reduce-scatter's backward hands each copy the full
+output gradient. With size 1 each TP rank runs its experts whole on its own (whole) tokens. The q/k
+layernorms see only a rank's heads, so their gradients are partial per rank and must be summed over
+TP (as megatron/core/distributed/finalize_model_grads.py:355 does). All three are exercised over 2
 gloo processes in tests/test_megatron.py; training with them (schedules, gradient sync) is not wired
 into MegatronLearner, which runs world size 1. Sequence parallel stays off: it needs Transformer
 Engine or Apex norms (megatron/core/transformer/torch_norm.py:32 refuses it), and without it
