@@ -17,7 +17,7 @@ from agentrl.model.checkpoint import init_model
 
 def test_cli_end_to_end(tmp_path, capsys):
     out, plot = tmp_path / "results.json", tmp_path / "cdf.png"
-    rc = main(["bench", "mismatch", "--quick", "--warmup-steps", "5", "--demos", "32", "--episodes", "10",
+    rc = main(["bench", "mismatch", "--quick", "--warmup-steps", "4", "--demos", "16", "--episodes", "10",
                "--out", str(out), "--plot", str(plot), "--out-dir", str(tmp_path / "bench")])
     assert rc == 0
     res = json.loads(out.read_text())
