@@ -40,7 +40,7 @@ TABLE_COLS = ("mismatch_kl", "extreme_frac_1.5", "extreme_frac_2", "extreme_frac
 
 @dataclass
 class MismatchConfig:
-    """What the benchmark builds and plays; `quick()` is the one-minute version (tiny presets)."""
+    """What the benchmark builds and plays; `quick()` is the short version (tiny presets, 1-3 min on 2 cores)."""
 
     moe_preset: str = "small-moe"  # ~39M params, 16 experts top-2
     dense_preset: str = "small-dense"  # same width; its MLP width equals the MoE's active expert width
