@@ -1,7 +1,7 @@
 """End-to-end GRPO updates/s: agentrl (async and sync) vs TRL's GRPOTrainer, same model, task, batch and
 machine, in one run.
 
-    pip install trl==1.16.0          # the baseline (not an agentrl dependency)
+    pip install -e ".[bench]"        # the baseline, trl 1.16.0 (not an agentrl dependency)
     python benchmarks/vs_trl.py [--steps 12] [--warmup-steps 150]
 
 Setup shared by all rows: a tiny-moe checkpoint built here and warmed up briefly on the single-turn
