@@ -129,6 +129,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     next_group = state["next_group"]
     version = state["step"]
     last_t, samples_since = time.perf_counter(), 0
+    wait_s = 0.0  # time the driver spent waiting for rollouts since the last update
 
     def submit(groups: list[int], w: int) -> None:
         seeds = [recipe.env.train_seeds[0] + g % (recipe.env.train_seeds[1] - recipe.env.train_seeds[0])
@@ -154,7 +155,9 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     while state["step"] < rt.steps:
         if rt.mode == "async" or not buffer:
             fill()
+        t_wait = time.perf_counter()
         ready, _ = ray.wait(list(jobs), num_returns=1)
+        wait_s += time.perf_counter() - t_wait
         for ref in ready:
             groups, w = jobs.pop(ref)
             try:
@@ -180,8 +183,11 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         batch = [buffer.popleft() for _ in range(ro.prompts_per_step)]
         trajs = [t for _, group in batch for t in group]
         stale = [_staleness(t, version) for t in trajs]
+        t_train = time.perf_counter()
         metrics = ray.get(learner.train_step.remote(trajs))
+        t_publish = time.perf_counter()
         version = publish(learner, engines, recipe)
+        t_done = time.perf_counter()
         trained.update(g for g, _ in batch)
         state["step"] += 1
         samples_since += len(trajs)
@@ -190,8 +196,10 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             reward_mean=float(np.mean([t.reward for t in trajs])), staleness_mean=float(np.mean(stale)),
             staleness_max=float(max(stale)), samples_per_s=samples_since / (now - last_t),
             turns_mean=float(np.mean([t.turns for t in trajs])),
-            ok_frac=float(np.mean([t.status == "ok" for t in trajs])), buffer=float(len(buffer)), **counters)
-        last_t, samples_since = now, 0
+            ok_frac=float(np.mean([t.status == "ok" for t in trajs])), buffer=float(len(buffer)),
+            time_wait_rollout_s=wait_s, time_train_s=t_publish - t_train, time_publish_s=t_done - t_publish,
+            **counters)
+        last_t, samples_since, wait_s = now, 0, 0.0
         if recipe.eval and rt.eval_every and state["step"] % rt.eval_every == 0:
             metrics["eval_reward"] = evaluate(recipe, workers[0], state["step"])
         logger.log(state["step"], metrics)
