@@ -259,6 +259,21 @@ def test_weights_of_another_architecture_are_refused(ckpt, tmp_path):
         assert eng.update_weights_from_disk(other_ids) == 1  # same architecture, new weights: accepted
 
 
+def test_inverse_cdf_sampling_matches_the_distribution():
+    """Drawn token frequencies match softmax(logits / T) after top-k, and truncated tokens never appear."""
+    from agentrl.engine.sampling import sample_batch
+
+    logits = torch.log(torch.tensor([0.05, 0.5, 0.0001, 0.3, 0.1499, 0.0]))
+    n = 40_000
+    torch.manual_seed(0)
+    toks, _ = sample_batch(logits.repeat(n, 1), [SamplingParams(temperature=1.0, top_k=4)] * n, [None] * n)
+    freq = torch.bincount(torch.tensor(toks), minlength=6).double() / n
+    kept = torch.tensor([0.05, 0.5, 0.0, 0.3, 0.1499, 0.0], dtype=torch.float64)
+    expect = kept / kept.sum()
+    assert freq[2] == 0 and freq[5] == 0  # outside the top 4
+    assert torch.allclose(freq, expect, atol=4 * (0.25 / n) ** 0.5)  # 4 sigma
+
+
 def test_batched_sampling_follows_the_per_request_rule():
     """`sample_batch` (what the engine runs) == `sample_one` row by row, seeded rows drawing the same
     tokens from the same generators, for greedy, temperature, top-k and top-p rows mixed in one batch."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from agentrl.engine.forward import Segment, paged_forward
@@ -69,6 +70,7 @@ class _Req:
         self.tokens = list(req.input_ids)
         self.prompt_len = len(self.tokens)
         self.slots: list[int] = []  # KV slots of fed tokens (one reference each held by this request)
+        self.slot_arr = np.zeros(self.prompt_len + max_new, dtype=np.int64)  # the same slots, for the forward
         self.node = None  # locked radix node of the cached prefix
         self.cached = 0
         self.reserved = 0
@@ -297,6 +299,7 @@ class Engine:
             return False
         self.pool.ref(slots)
         r.slots, r.node, r.cached, r.reserved = list(slots), node, len(slots), need
+        r.slot_arr[: len(slots)] = slots
         self._reserved += need
         self.counters["cached_tokens"] += len(slots)
         return True
@@ -325,10 +328,11 @@ class Engine:
             start = len(r.slots)
             new = self.pool.alloc(n)
             r.slots.extend(new)
+            r.slot_arr[start: start + n] = new
             r.reserved -= n
             self._reserved -= n
             end_of_input = len(r.slots) == len(r.tokens)
-            segs.append(Segment(r.tokens[start: start + n], start, torch.tensor(r.slots), end_of_input))
+            segs.append(Segment(r.tokens[start: start + n], start, r.slot_arr[: start + n], end_of_input))
             owners.append(r)
         return segs, owners
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,17 +25,19 @@ class Segment:
 
     ids: list[int]  # new token ids
     start: int  # position of ids[0] in the sequence (= tokens already in KV)
-    slots: torch.Tensor  # [start + len(ids)] int64: KV slots of the whole sequence so far, new ones last
+    slots: np.ndarray  # [start + len(ids)] int64: KV slots of the whole sequence so far, new ones last
     want_logits: bool  # does the last new token's next-token distribution get sampled
 
 
 def _decode_index(segs: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots of every single-token segment padded to [B, Lmax], and the [B, 1, 1, Lmax] key mask.
     Built once per step and shared by all layers."""
-    idx = torch.nn.utils.rnn.pad_sequence([s.slots for s in segs], batch_first=True)
-    lens = torch.tensor([len(s.slots) for s in segs])
-    mask = torch.arange(idx.shape[1])[None, :] < lens[:, None]
-    return idx, mask[:, None, None, :]
+    lens = [len(s.slots) for s in segs]
+    idx = np.zeros((len(segs), max(lens)), dtype=np.int64)
+    for i, s in enumerate(segs):
+        idx[i, : lens[i]] = s.slots
+    mask = torch.arange(idx.shape[1])[None, :] < torch.tensor(lens)[:, None]
+    return torch.from_numpy(idx), mask[:, None, None, :]
 
 
 def _attend_decode(q, k_pool, v_pool, idx, mask, pos):
@@ -50,8 +53,9 @@ def _attend_decode(q, k_pool, v_pool, idx, mask, pos):
 
 def _attend_prefill(q, k_pool, v_pool, seg: Segment, lo: int, hi: int):
     """One request's chunk: queries at positions start..start+n attend causally over all its slots."""
-    k = k_pool.index_select(0, seg.slots).transpose(0, 1)[None]  # [1, nkv, L, D]
-    v = v_pool.index_select(0, seg.slots).transpose(0, 1)[None]
+    slots = torch.from_numpy(seg.slots)
+    k = k_pool.index_select(0, slots).transpose(0, 1)[None]  # [1, nkv, L, D]
+    v = v_pool.index_select(0, slots).transpose(0, 1)[None]
     n, total = hi - lo, len(seg.slots)
     qpos = torch.arange(seg.start, seg.start + n)[:, None]
     mask = torch.arange(total)[None, :] <= qpos  # [n, L]
@@ -66,7 +70,7 @@ def paged_forward(model: MoEForCausalLM, pool: SlotPool, segs: list[Segment]):
     cfg = model.config
     ids = torch.tensor([t for s in segs for t in s.ids])
     pos = torch.cat([torch.arange(s.start, s.start + len(s.ids)) for s in segs])
-    new_slots = torch.cat([s.slots[s.start:] for s in segs])
+    new_slots = torch.from_numpy(np.concatenate([s.slots[s.start:] for s in segs]))
     offsets, o = [], 0
     for s in segs:
         offsets.append((o, o + len(s.ids)))
@@ -82,8 +86,8 @@ def paged_forward(model: MoEForCausalLM, pool: SlotPool, segs: list[Segment]):
     for li, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)  # q [1, nh, T, D]; k, v [1, nkv, T, D]
-        pool.k[li, new_slots] = k[0].transpose(0, 1)
-        pool.v[li, new_slots] = v[0].transpose(0, 1)
+        pool.k[li].index_copy_(0, new_slots, k[0].transpose(0, 1))
+        pool.v[li].index_copy_(0, new_slots, v[0].transpose(0, 1))
         out = torch.empty(q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype)  # [T, nh, D]
         if decode:
             out[decode_pos] = _attend_decode(q, pool.k[li], pool.v[li], dec_idx, dec_mask, decode_pos)

@@ -1,5 +1,10 @@
 """Token sampling: temperature, top-k, top-p, per-request seeded generators, and logprobs.
 
+A token is drawn by inverse CDF: one uniform u in (0, 1] per row from the row's generator (seeded
+requests own one; the rest share the engine's), and the first token whose cumulative probability
+(float64) reaches u times the total. One uniform per token keeps a batch of rows with different
+generators a few vectorised ops, and a seeded request reproducible whatever batch it lands in.
+
 The logprob returned for a token is log π(token) under the temperature-scaled distribution
 *before* top-k / top-p truncation (at temperature 1 this is the model's own log-probability, the
 behaviour logprob RL corrections need). Greedy (temperature 0) reports the untempered logprob.
@@ -29,15 +34,24 @@ def sample_one(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | N
         drop = cum - probs_sorted >= p.top_p  # keep the smallest prefix whose mass reaches top_p
         masked = masked.clone()
         masked[order[drop]] = float("-inf")
-    tok = int(torch.multinomial(torch.softmax(masked, -1), 1, generator=gen))
+    u = 1.0 - torch.rand((), generator=gen, dtype=torch.float64)
+    tok = int(_inverse_cdf(torch.softmax(masked, -1)[None], u[None])[0])
     return tok, float(logp[tok])
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [B, V], u [B] float64 in (0, 1] -> [B] int64: first j with cdf[j] >= u * cdf[-1] (never a
+    zero-probability token: cdf is flat across those)."""
+    cdf = probs.double().cumsum(-1)
+    target = (u * cdf[:, -1]).to(cdf.dtype)[:, None]
+    return torch.searchsorted(cdf, target)[:, 0].clamp_max(probs.shape[-1] - 1)
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
                  gens: list[torch.Generator | None]) -> tuple[list[int], list[float]]:
     """logits [B, V] float32 -> (token ids, their logprobs), the same rule as `sample_one` for each row,
-    computed for the whole batch at once. Rows with their own (seeded) generator draw from it, one row
-    at a time; the others share one multinomial call."""
+    computed for the whole batch at once: one uniform per sampled row, rows that share a generator
+    (None = torch's global one) drawing theirs in one call."""
     b = logits.shape[0]
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
     greedy = temps == 0
@@ -61,11 +75,14 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
         masked = masked.masked_fill(drop, float("-inf"))
     probs = torch.softmax(masked, -1)
     toks = torch.argmax(logits, -1)
-    free = [i for i in range(b) if not greedy[i] and gens[i] is None]
-    if free:
-        toks[free] = torch.multinomial(probs[free], 1)[:, 0]
-    for i in range(b):
-        if not greedy[i] and gens[i] is not None:
-            toks[i] = torch.multinomial(probs[i], 1, generator=gens[i])[0]
+    drawn = [i for i, p in enumerate(params) if p.temperature != 0]
+    if drawn:
+        by_gen: dict[int, list[int]] = {}  # rows sharing a generator take consecutive draws of one call
+        for i in drawn:
+            by_gen.setdefault(id(gens[i]), []).append(i)
+        rows = [i for js in by_gen.values() for i in js]
+        u = 1.0 - torch.cat([torch.rand(len(js), generator=gens[js[0]], dtype=torch.float64)
+                             for js in by_gen.values()])
+        toks[rows] = _inverse_cdf(probs[rows], u)
     lps = logp.gather(1, toks[:, None])[:, 0]
     return toks.tolist(), lps.tolist()
