@@ -9,6 +9,13 @@ Layouts
 - packed: all sequences concatenated into rows of at most `max_tokens` tokens; `segment_ids` gives
   each sequence its own block-diagonal causal attention and positions restart at 0 per sequence.
 - padded: one sequence per row, right-padded, with an attention mask.
+- packed with `share_prefix`: the members of a GRPO group (same `Trajectory.group_id`) share their
+  prompt token for token, so their longest common prefix (s tokens) is computed once per row:
+  `[prefix 0..s-1][suffix of member a (tokens s..)][suffix of member b]...`. A suffix token attends
+  causally to its own suffix and to the prefix (`parent_ids`), positions continue at s
+  (`position_ids`); log-probs, losses and gradients are those of the plain packed layout (the prefix's
+  activations are the same; its gradient accumulates from every member). With routing rows the
+  prefix also stops where the members' rows stop agreeing (a shared token has one row: member a's).
 Routing rows (Contract 1/3) are aligned to the same order with agentrl.routing.align_packed /
 align_padded; tokens without a row (the last token of each sequence, padding, rows an engine did
 not return) are routed freely (`routing_mask` False).
@@ -24,6 +31,9 @@ import torch
 
 from agentrl.routing import RoutingLayout, align_packed, align_padded, row_version_report
 from agentrl.trajectory import Trajectory
+
+
+MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a shared row
 
 
 @dataclass
@@ -42,6 +52,9 @@ class ModelBatch:
     target_seq: torch.Tensor | None = None  # [K] int64
     target_pos: torch.Tensor | None = None  # [K] int64
     logits_index: torch.Tensor | None = None  # [K] int64
+    # shared-prefix rows only (None otherwise): each token's parent segment (-1 = none) and position
+    parent_ids: torch.Tensor | None = None  # [R, S] int64
+    position_ids: torch.Tensor | None = None  # [R, S] int64
 
     def with_targets(self, loss_mask: torch.Tensor) -> ModelBatch:
         """Mark the tokens whose log-probabilities are wanted (loss_mask [n_seq, >= max_len] bool)."""
@@ -55,6 +68,13 @@ class ModelBatch:
     @property
     def num_tokens(self) -> int:
         return int(sum(self.seq_lens))
+
+    @property
+    def computed_tokens(self) -> int:
+        """Real tokens the forward computes (no padding): num_tokens less what shared prefixes save."""
+        if self.segment_ids is not None:
+            return int((self.segment_ids >= 0).sum())
+        return int(self.attention_mask.sum()) if self.attention_mask is not None else self.input_ids.numel()
 
 
 def _pack_rows(lens: list[int], max_tokens: int) -> list[list[int]]:
@@ -74,10 +94,18 @@ def _pack_rows(lens: list[int], max_tokens: int) -> list[list[int]]:
 
 
 def build_batch(trajs: list[Trajectory], layout: RoutingLayout | None, mode: Literal["packed", "padded"] = "packed",
-                max_tokens: int = 4096, with_routing: bool = True) -> ModelBatch:
+                max_tokens: int = 4096, with_routing: bool = True, share_prefix: bool = False,
+                min_prefix: int = MIN_SHARED_PREFIX) -> ModelBatch:
+    """Lay out `trajs` for one forward. Packed rows hold at most max(max_tokens, longest sequence)
+    tokens; `share_prefix` (packed only) computes a group's common prefix once per row when it has
+    at least `min_prefix` tokens (falls back to the plain packed batch when nothing is shared)."""
     lens = [len(t) for t in trajs]
     n, lmax = len(trajs), max(lens)
     use_rows = with_routing and layout is not None and all(t.routing is not None for t in trajs)
+    if share_prefix and mode == "packed":
+        shared = _build_shared(trajs, lens, layout if use_rows else None, max_tokens, min_prefix)
+        if shared is not None:
+            return shared
     flat_index = torch.full((n, lmax), -1, dtype=torch.long)
     if mode == "padded":
         ids = torch.zeros(n, lmax, dtype=torch.long)
@@ -114,6 +142,120 @@ def build_batch(trajs: list[Trajectory], layout: RoutingLayout | None, mode: Lit
     return ModelBatch(ids, None, seg, routing, rmask, flat_index, lens)
 
 
+def _common_prefix(seqs: list[np.ndarray]) -> int:
+    """Length of the longest common prefix of equal-dtype arrays (compared along axis 0)."""
+    s = min(len(x) for x in seqs)
+    first = seqs[0]
+    for x in seqs[1:]:
+        diff = first[:s] != x[:s]
+        if diff.ndim > 1:
+            diff = diff.reshape(s, -1).any(-1)
+        hit = np.flatnonzero(diff)
+        s = int(hit[0]) if len(hit) else s
+        if s == 0:
+            break
+    return s
+
+
+def shared_prefix_lengths(trajs: list[Trajectory], rows: list[tuple[np.ndarray, np.ndarray]] | None = None,
+                          min_prefix: int = MIN_SHARED_PREFIX) -> dict[str, int]:
+    """group_id -> the prefix its members can share: the longest common prefix of their token ids,
+    cut where their aligned routing rows (`rows[i]` = (experts [len_i, L, k], has_row [len_i])) stop
+    agreeing, at most min(len) - 1; groups with one member, an empty group_id, or a prefix shorter
+    than `min_prefix` get none (absent)."""
+    members: dict[str, list[int]] = {}
+    for i, t in enumerate(trajs):
+        if t.group_id:
+            members.setdefault(t.group_id, []).append(i)
+    out = {}
+    for g, idx in members.items():
+        if len(idx) < 2:
+            continue
+        s = min(_common_prefix([trajs[i].tokens for i in idx]), min(len(trajs[i]) for i in idx) - 1)
+        if rows is not None and s > 0:
+            s = min(s, _common_prefix([rows[i][0][:s] for i in idx]), _common_prefix([rows[i][1][:s] for i in idx]))
+        if s >= min_prefix:
+            out[g] = s
+    return out
+
+
+def _build_shared(trajs: list[Trajectory], lens: list[int], layout: RoutingLayout | None, max_tokens: int,
+                  min_prefix: int) -> ModelBatch | None:
+    """The shared-prefix packed batch, or None when no group shares a prefix (rows given = layout set)."""
+    n, lmax = len(trajs), max(lens)
+    rows = ([align_packed([t.routing], [len(t)], layout) for t in trajs] if layout is not None else None)
+    prefix = shared_prefix_lengths(trajs, rows, min_prefix)
+    if not prefix:
+        return None
+    budget = max(max_tokens, lmax)
+    # units: (members, s): a plain sequence is ([i], 0); a shared block repeats the prefix once and
+    # holds as many members' suffixes as fit the row budget (a block left with one member is plain)
+    units: list[tuple[list[int], int]] = []
+    done: set[str] = set()
+    for i, t in enumerate(trajs):
+        s = prefix.get(t.group_id, 0)
+        if not s:
+            units.append(([i], 0))
+            continue
+        if t.group_id in done:
+            continue
+        done.add(t.group_id)
+        block, width = [], s
+        for j in (j for j in range(n) if trajs[j].group_id == t.group_id):
+            if block and width + lens[j] - s > budget:
+                units.append((block, s if len(block) > 1 else 0))
+                block, width = [], s
+            block.append(j)
+            width += lens[j] - s
+        units.append((block, s if len(block) > 1 else 0))
+    widths = [u[1] + sum(lens[j] - u[1] for j in u[0]) for u in units]
+    packing = _pack_rows(widths, max_tokens)
+    width = max(sum(widths[u] for u in g) for g in packing)
+    shape = (len(packing), width)
+    ids = torch.zeros(shape, dtype=torch.long)
+    seg = torch.full(shape, -1, dtype=torch.long)
+    parent = torch.full(shape, -1, dtype=torch.long)
+    pos = torch.zeros(shape, dtype=torch.long)
+    flat_index = torch.full((n, lmax), -1, dtype=torch.long)
+    routing = rmask = None
+    if rows is not None:
+        routing = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(
+            np.arange(layout.top_k), (*shape, layout.num_moe_layers, layout.top_k)))).long()
+        rmask = torch.zeros(shape, dtype=torch.bool)  # padding rows: distinct ids, routed freely
+
+    def put(r: int, off: int, i: int, lo: int, hi: int, segment: int, par: int) -> None:
+        """Tokens lo..hi-1 of sequence i at row r, columns off.. ."""
+        k = hi - lo
+        ids[r, off: off + k] = torch.from_numpy(trajs[i].tokens[lo:hi])
+        seg[r, off: off + k], parent[r, off: off + k] = segment, par
+        pos[r, off: off + k] = torch.arange(lo, hi)
+        if rows is not None:
+            routing[r, off: off + k] = torch.from_numpy(rows[i][0][lo:hi].astype(np.int64))
+            rmask[r, off: off + k] = torch.from_numpy(rows[i][1][lo:hi])
+
+    next_seg = n  # prefix segments get ids n, n+1, ... (sequence i's own tokens are segment i)
+    for r, g in enumerate(packing):
+        off = 0
+        for u in g:
+            members, s = units[u]
+            if s == 0:
+                i = members[0]
+                put(r, off, i, 0, lens[i], i, -1)
+                flat_index[i, : lens[i]] = r * width + off + torch.arange(lens[i])
+                off += lens[i]
+                continue
+            put(r, off, members[0], 0, s, next_seg, -1)  # the shared prefix: member a's rows
+            for i in members:
+                flat_index[i, :s] = r * width + off + torch.arange(s)
+            off += s
+            for i in members:
+                put(r, off, i, s, lens[i], i, next_seg)
+                flat_index[i, s: lens[i]] = r * width + off + torch.arange(lens[i] - s)
+                off += lens[i] - s
+            next_seg += 1
+    return ModelBatch(ids, None, seg, routing, rmask, flat_index, lens, parent_ids=parent, position_ids=pos)
+
+
 def per_sequence(values: torch.Tensor, batch: ModelBatch, fill: float = 0.0) -> torch.Tensor:
     """[R, S, ...] per-token model outputs -> [n_seq, max_len, ...] (one row per trajectory)."""
     flat = values.reshape(-1, *values.shape[2:])
@@ -139,23 +281,19 @@ def target_logprobs(logits: torch.Tensor, batch: ModelBatch) -> tuple[torch.Tens
         lp = lp.index_put((batch.target_seq, batch.target_pos), logp_all.gather(-1, tgt[:, None])[:, 0])
         en = en.index_put((batch.target_seq, batch.target_pos), -(logp_all.exp() * logp_all).sum(-1))
         return lp, en
-    logp_all = torch.log_softmax(logits.float(), dim=-1)  # [R, S, V]
-    ids = batch.input_ids
-    # position s predicts token s+1 of the same row; the shifted gather is masked per sequence below
-    nxt = torch.zeros_like(ids)
-    nxt[:, :-1] = ids[:, 1:]
-    tok_lp = logp_all.gather(-1, nxt[..., None])[..., 0]  # [R, S]: logp of the next token at s
-    ent = -(logp_all.exp() * logp_all).sum(-1)  # [R, S]
-    pred_lp = per_sequence(tok_lp, batch)  # [n, L]: at t, logp of token t+1
-    pred_ent = per_sequence(ent, batch)
-    n, lmax = pred_lp.shape
+    logp_all = torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])  # [R*S, V]
+    ent = -(logp_all.exp() * logp_all).sum(-1)  # [R*S]
+    # token t of sequence i sits at flat_index[i, t] and is predicted at flat_index[i, t-1] (in a
+    # shared-prefix row these are not always neighbours)
+    cur, prev = batch.flat_index[:, 1:], batch.flat_index[:, :-1]
+    valid = cur >= 0
+    tok = batch.input_ids.reshape(-1)[cur.clamp_min(0)]
+    n, lmax = batch.flat_index.shape
     lp = torch.zeros(n, lmax, dtype=torch.float32, device=logits.device)
     en = torch.zeros_like(lp)
-    lp[:, 1:] = pred_lp[:, :-1]
-    en[:, 1:] = pred_ent[:, :-1]
-    lens = torch.tensor(batch.seq_lens)
-    valid = torch.arange(lmax)[None, :] < lens[:, None]
-    return lp * valid, en * valid
+    lp[:, 1:] = torch.where(valid, logp_all[prev.clamp_min(0), tok], 0.0)
+    en[:, 1:] = torch.where(valid, ent[prev.clamp_min(0)], 0.0)
+    return lp, en
 
 
 def sequence_tensor(trajs: list[Trajectory], field: str, dtype: torch.dtype, fill=0) -> torch.Tensor:

@@ -17,6 +17,8 @@ The update, in order (each line is plain code in `train_step`):
      multi mini-step setting), each accumulating gradients over micro-batches of at most
      `micro_batch_tokens` tokens; the policy loss is PPO-clip or GSPO, plus optional KL to a
      reference, entropy bonus and MoE load-balancing loss (on the replayed assignment).
+Every forward of the packed layout computes a GRPO group's shared prompt once (`share_prefix`,
+batch.py): same log-probs and gradients, fewer tokens (`computed_tokens` in the metrics).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from agentrl.algo import advantages as A
 from agentrl.algo import losses as L
 from agentrl.algo.corrections import apply_correction
 from agentrl.algo.metrics import mismatch_metrics, routing_metrics
-from agentrl.learner.batch import ModelBatch, build_batch, per_sequence, rows_report, sequence_tensor, target_logprobs
+from agentrl.learner.batch import (ModelBatch, build_batch, per_sequence, rows_report, sequence_tensor,
+                                   shared_prefix_lengths, target_logprobs)
 from agentrl.model.modeling import MoEForCausalLM
 from agentrl.model.replay import attach_replay
 from agentrl.routing import RoutingLayout, RoutingRows
@@ -58,7 +61,10 @@ class LearnerConfig:
     # forward's own (detached), so the separate no-grad pass is skipped (identical result, one forward less)
     micro_batch_tokens: int = 8192  # tokens per forward (gradient accumulation above that)
     layout: Literal["packed", "padded"] = "packed"
-    pack_row_tokens: int | None = None  # packed row width; None = the longest sequence (bounds O(width^2) attention)
+    pack_row_tokens: int | None = None  # packed row width; None = the longest sequence (bounds O(width^2) attention),
+    # times `share_prefix_row_factor` when prefixes are shared (a row then holds a prefix + several suffixes)
+    share_prefix: bool = True  # packed layout, agentrl's model: a group's common prefix is computed once per row
+    share_prefix_row_factor: int = 4
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 = autocast, fp32 master weights
     replay: Literal["off", "R2", "R3"] = "R3"
     advantage: Literal["grpo", "grpo_nostd", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
@@ -93,14 +99,32 @@ def _lr_lambda(cfg: LearnerConfig):
     return f
 
 
-def _micro_batches(lens: list[int], idx: list[int], budget: int) -> list[list[int]]:
-    out, cur, used = [], [], 0
+def _micro_batches(lens: list[int], idx: list[int], budget: int,
+                   groups: list[str] | None = None, prefix: dict[str, int] | None = None) -> list[list[int]]:
+    """Consecutive parts of `idx` of at most `budget` computed tokens (a single longer sequence gets its
+    own part). With `groups` (group_id per sequence) and `prefix` (group_id -> shared prefix length),
+    a group's members are taken together, a member after the first in a part costs only its suffix,
+    and a group that fits a part whole is not split over two."""
+    units: dict[str, list[int]] = {}
     for i in idx:
-        if cur and used + lens[i] > budget:
+        units.setdefault((groups[i] or f"-{i}") if groups is not None else f"-{i}", []).append(i)
+    prefix = prefix or {}
+    out, cur, used = [], [], 0
+    for key, members in units.items():
+        s = prefix.get(key, 0)
+        whole = sum(lens[i] for i in members) - s * (len(members) - 1)
+        if cur and used + whole > budget and whole <= budget:
             out.append(cur)
             cur, used = [], 0
-        cur.append(i)
-        used += lens[i]
+        first = True
+        for i in members:
+            cost = lens[i] if first else lens[i] - s
+            if cur and used + cost > budget:
+                out.append(cur)
+                cur, used, cost = [], 0, lens[i]
+            cur.append(i)
+            used += cost
+            first = False
     return out + ([cur] if cur else [])
 
 
@@ -127,6 +151,8 @@ class TorchLearner:
         kw = dict(attention_mask=batch.attention_mask)
         if isinstance(model, MoEForCausalLM):
             kw["segment_ids"] = batch.segment_ids
+            if batch.parent_ids is not None:
+                kw.update(parent_ids=batch.parent_ids, position_ids=batch.position_ids)
             if batch.logits_index is not None:
                 kw["logits_index"] = batch.logits_index
             if aux:
@@ -188,8 +214,20 @@ class TorchLearner:
         engine_rows, free_rows, recorded = [None] * n, [None] * n, [None] * n
         old_mode = {"off": "free", "R2": "record", "R3": "replay"}[cfg.replay]
         everything = list(range(n))
-        fused = cfg.fuse_old_pass and cfg.mini_batches == 1 and len(
-            _micro_batches(lens, everything, cfg.micro_batch_tokens)) == 1
+        share = self._share_prefix
+        # micro-batches count a shared prefix once (token prefixes only: rows may shorten it in build_batch)
+        groups = [t.group_id for t in ok] if share else None
+        prefix = shared_prefix_lengths(ok) if share else None
+
+        def parts(idx: list[int]) -> list[list[int]]:
+            return _micro_batches(lens, idx, cfg.micro_batch_tokens, groups, prefix)
+
+        def make(mb: list[int], with_routing: bool) -> ModelBatch:
+            shares = share and any(groups[i] in prefix for i in mb)
+            return build_batch([ok[i] for i in mb], self.layout, cfg.layout, self._row_tokens(lens, mb, shares),
+                               with_routing=with_routing, share_prefix=shares).with_targets(mask[mb])
+
+        fused = cfg.fuse_old_pass and cfg.mini_batches == 1 and len(parts(everything)) == 1
         fused_out = None
 
         def take_old(mb: list[int], batch: ModelBatch, lp: torch.Tensor) -> None:
@@ -208,16 +246,14 @@ class TorchLearner:
                     logp_ref[i, : lens[i]] = lp_ref[j, : lens[i]]
 
         if fused:  # the training forward (R2: recording is free routing, which replaying it reproduces)
-            batch = build_batch(ok, self.layout, cfg.layout, self._row_tokens(lens, everything),
-                                with_routing=cfg.replay == "R3").with_targets(mask)
+            batch = make(everything, with_routing=cfg.replay == "R3")
             lp, ent, aux = self._forward(batch, old_mode, aux=cfg.aux_loss_coef > 0)
             take_old(everything, batch, lp.detach())
             fused_out = (batch, lp, ent, aux)
         else:
             with torch.no_grad():
-                for mb in _micro_batches(lens, everything, cfg.micro_batch_tokens):
-                    batch = build_batch([ok[i] for i in mb], self.layout, cfg.layout, self._row_tokens(lens, mb),
-                                        with_routing=cfg.replay == "R3").with_targets(mask[mb])
+                for mb in parts(everything):
+                    batch = make(mb, with_routing=cfg.replay == "R3")
                     lp, _, _ = self._forward(batch, old_mode)
                     take_old(mb, batch, lp)
         m.update(mismatch_metrics(logp_old, logp_infer, mask))
@@ -241,17 +277,18 @@ class TorchLearner:
         order = torch.randperm(n, generator=self.gen).tolist()
         minis = [order[i:: cfg.mini_batches] for i in range(min(cfg.mini_batches, n))]
         stats: dict[str, list[float]] = {}
+        computed = 0
         rows_mode = "replay" if cfg.replay in ("R2", "R3") else "free"
         for mini in minis:
             self.opt.zero_grad(set_to_none=True)
             mini_tokens = max(1, int(train_mask[mini].sum()))
-            for mb in ([everything] if fused else _micro_batches(lens, mini, cfg.micro_batch_tokens)):
+            for mb in ([everything] if fused else parts(mini)):
                 if fused:
                     batch, lp, ent, aux = fused_out
                 else:
-                    batch = build_batch([ok[i] for i in mb], self.layout, cfg.layout, self._row_tokens(lens, mb),
-                                        with_routing=cfg.replay != "off").with_targets(mask[mb])
+                    batch = make(mb, with_routing=cfg.replay != "off")
                     lp, ent, aux = self._forward(batch, rows_mode, aux=cfg.aux_loss_coef > 0)
+                computed += batch.computed_tokens
                 w_share = (int(train_mask[mb].sum()) / mini_tokens if cfg.agg == "token-mean" and cfg.loss == "ppo"
                            else 1.0 if cfg.agg == "token-sum-norm" and cfg.loss == "ppo" else len(mb) / len(mini))
                 w = lp.shape[1]  # this micro-batch's longest sequence; the batch tensors are wider
@@ -269,11 +306,20 @@ class TorchLearner:
         m.update({k: float(np.mean(v)) for k, v in stats.items()})
         m.update(step=float(self.version), lr=self.sched.get_last_lr()[0], reward_mean=float(rewards.mean()),
                  adv_abs_mean=float(adv_seq.abs().mean()), trained_sequences=float(n),
-                 trained_tokens=float(train_mask.sum()), learner_time_s=time.perf_counter() - t0)
+                 trained_tokens=float(train_mask.sum()), batch_tokens=float(sum(lens)),
+                 computed_tokens=float(computed), learner_time_s=time.perf_counter() - t0)
         return m
 
-    def _row_tokens(self, lens: list[int], mb: list[int]) -> int:
-        return self.cfg.pack_row_tokens or max(lens[i] for i in mb)
+    def _row_tokens(self, lens: list[int], mb: list[int], shares: bool = False) -> int:
+        if self.cfg.pack_row_tokens:
+            return self.cfg.pack_row_tokens
+        return max(lens[i] for i in mb) * (self.cfg.share_prefix_row_factor if shares else 1)
+
+    @property
+    def _share_prefix(self) -> bool:
+        """Shared-prefix rows need agentrl's model (its `parent_ids` mask) and the packed layout; a
+        subclass with another forward (the megatron-core learner) never gets them."""
+        return self.cfg.share_prefix and self.cfg.layout == "packed" and isinstance(self.model, MoEForCausalLM)
 
     def _advantages(self, rewards, group_ids, mask) -> torch.Tensor:
         a = self.cfg.advantage

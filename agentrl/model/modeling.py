@@ -8,7 +8,9 @@ Design choices
   MoE layers (config.is_moe_layer) and a SwiGLU MLP elsewhere.
 - Attention: GQA, RMSNorm on each head's q and k before RoPE (Qwen3), SDPA kernel; a packed batch
   passes `segment_ids` and gets a block-diagonal causal mask; a padded batch passes
-  `attention_mask` (1 = real token) and gets positions cumsum(mask) - 1.
+  `attention_mask` (1 = real token) and gets positions cumsum(mask) - 1. A shared-prefix batch also
+  passes `parent_ids` (a segment may attend to its parent segment: a prefix computed once for a
+  group of sequences) and explicit `position_ids`.
 - Routing: every router asks the model's `RoutingReplay` (replay.py) for its experts, so one
   forward can route freely, record, or replay rows (R3) with gates from this router's scores.
 - Router variants (config): softmax (Qwen3) or sigmoid scores with a selection-only bias
@@ -195,10 +197,13 @@ class CausalLMOutput:
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, seq_len: int, device
+    attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, seq_len: int, device,
+    parent_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean SDPA mask [B, 1, S, S] (True = attend) = causal ∧ same segment ∧ key is real.
 
+    With `parent_ids` [B, S] (segment id of each token's parent segment, -1 = none), a query also
+    sees the earlier keys of its parent segment: causal ∧ (seg[q] == seg[k] ∨ parent[q] == seg[k]).
     None when neither is given (plain causal, SDPA's is_causal path). Each query always sees
     itself, so padded positions never produce NaN rows.
     """
@@ -207,7 +212,10 @@ def build_attention_mask(
     idx = torch.arange(seq_len, device=device)
     allowed = (idx[None, :] <= idx[:, None])[None]  # [1, S, S]
     if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        if parent_ids is not None:
+            same = same | ((parent_ids[:, :, None] == segment_ids[:, None, :]) & (parent_ids >= 0)[:, :, None])
+        allowed = allowed & same
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, :]
     allowed = allowed | torch.eye(seq_len, dtype=torch.bool, device=device)[None]
@@ -268,11 +276,14 @@ class MoEForCausalLM(nn.Module):
         routing_mask: torch.Tensor | None = None,
         return_aux_loss: bool = False,
         logits_index: torch.Tensor | None = None,
+        parent_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, S]; attention_mask [B, S] (1 = real); segment_ids [B, S] (packing);
         routing [B, S, moe_layers, k] replay rows, routing_mask [B, S] (True = replay this token);
         logits_index [K] int64 positions in the flattened [B*S] whose logits are wanted: then logits
-        are [K, V] (the LM head, the largest matmul of a small model, runs on those tokens only)."""
+        are [K, V] (the LM head, the largest matmul of a small model, runs on those tokens only);
+        parent_ids [B, S] (with segment_ids and explicit position_ids): each token may also attend to
+        its parent segment, so a prefix shared by several packed sequences is computed once."""
         hook = self.routing_replay
         if routing is not None:
             if hook is None:
@@ -280,19 +291,22 @@ class MoEForCausalLM(nn.Module):
             with hook.replay(routing, routing_mask):
                 hook.expect_tokens(input_ids.numel())
                 return self._forward(input_ids, attention_mask, position_ids, segment_ids, return_aux_loss,
-                                     logits_index)
+                                     logits_index, parent_ids)
         if hook is not None:
             hook.expect_tokens(input_ids.numel())
-        return self._forward(input_ids, attention_mask, position_ids, segment_ids, return_aux_loss, logits_index)
+        return self._forward(input_ids, attention_mask, position_ids, segment_ids, return_aux_loss, logits_index,
+                             parent_ids)
 
     def _forward(self, input_ids, attention_mask, position_ids, segment_ids, return_aux_loss,
-                 logits_index=None) -> CausalLMOutput:
+                 logits_index=None, parent_ids=None) -> CausalLMOutput:
         cfg = self.config
+        if parent_ids is not None and (segment_ids is None or position_ids is None):
+            raise ValueError("parent_ids needs segment_ids and explicit position_ids")
         if position_ids is None:
             position_ids = default_positions(input_ids, attention_mask, segment_ids)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
-        mask = build_attention_mask(attention_mask, segment_ids, input_ids.shape[1], input_ids.device)
+        mask = build_attention_mask(attention_mask, segment_ids, input_ids.shape[1], input_ids.device, parent_ids)
         hook = self.routing_replay
         if hook is not None:
             hook.keep_probs = return_aux_loss
