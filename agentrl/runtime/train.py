@@ -18,6 +18,7 @@ import json
 import os
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,17 @@ def prepare_model(recipe: Recipe, run: Path, log=print) -> str:
         f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     save_pretrained(model, warm, tokenizer=tok)
     return str(warm)
+
+
+@dataclass
+class _Training:
+    """The update the learner is working on."""
+
+    ref: ray.ObjectRef  # train_step's result
+    batch: list  # (group index, trajectories) consumed by it
+    stale: list[int]  # staleness of each trajectory when the update started
+    t0: float  # when it started
+    idle_s: float  # how long the learner waited for this batch after the previous update
 
 
 def _staleness(traj, version: int) -> int:
@@ -129,7 +141,6 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     next_group = state["next_group"]
     version = state["step"]
     last_t, samples_since = time.perf_counter(), 0
-    wait_s = 0.0  # time the driver spent waiting for rollouts since the last update
 
     def submit(groups: list[int], w: int) -> None:
         seeds = [recipe.env.train_seeds[0] + g % (recipe.env.train_seeds[1] - recipe.env.train_seeds[0])
@@ -140,7 +151,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
     def fill() -> None:
         nonlocal next_group
-        in_flight = sum(len(g) for g, _ in jobs.values()) + len(buffer)
+        in_flight = sum(len(g) for g, _ in jobs.values()) + len(buffer) + (len(training.batch) if training else 0)
         while in_flight < capacity:
             while next_group in trained:
                 next_group += 1
@@ -148,58 +159,45 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             next_group += 1
             in_flight += 1
 
-    bar = logger.progress(total=rt.steps * ro.prompts_per_step, desc="rollout groups")
-    bar.update(state["step"] * ro.prompts_per_step)
-    if state["step"] == 0 and recipe.eval and rt.eval_every:
-        logger.log(0, {"eval_reward": evaluate(recipe, workers[0], state["step"])})
-    while state["step"] < rt.steps:
-        if rt.mode == "async" or not buffer:
-            fill()
-        t_wait = time.perf_counter()
-        ready, _ = ray.wait(list(jobs), num_returns=1)
-        wait_s += time.perf_counter() - t_wait
-        for ref in ready:
-            groups, w = jobs.pop(ref)
-            try:
-                trajs, _ = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                counters["jobs_retried"] += 1
-                submit(groups, w + 1)  # the worker died: same groups, another (or the restarted) worker
+    def admit(ref) -> None:
+        """A finished rollout job: its groups enter the buffer unless too stale."""
+        groups, w = jobs.pop(ref)
+        try:
+            trajs, _ = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            counters["jobs_retried"] += 1
+            submit(groups, w + 1)  # the worker died: same groups, another (or the restarted) worker
+            return
+        for i, g in enumerate(groups):
+            group = trajs[i * ro.group_size:(i + 1) * ro.group_size]
+            if max(_staleness(t, version) for t in group) > rt.max_staleness:
+                if rt.stale_policy == "wait":  # the group waits for fresh weights: generated again
+                    counters["regenerated_stale"] += 1
+                    submit([g], g)
+                else:
+                    counters["dropped_stale"] += 1
                 continue
-            for i, g in enumerate(groups):
-                group = trajs[i * ro.group_size:(i + 1) * ro.group_size]
-                if max(_staleness(t, version) for t in group) > rt.max_staleness:
-                    if rt.stale_policy == "wait":  # the group waits for fresh weights: generated again
-                        counters["regenerated_stale"] += 1
-                        submit([g], g)
-                    else:
-                        counters["dropped_stale"] += 1
-                    continue
-                buffer.append((g, group))
-                bar.update(1)
-        if len(buffer) < ro.prompts_per_step:
-            continue
-        # ---- one learner update
-        batch = [buffer.popleft() for _ in range(ro.prompts_per_step)]
-        trajs = [t for _, group in batch for t in group]
-        stale = [_staleness(t, version) for t in trajs]
-        t_train = time.perf_counter()
-        metrics = ray.get(learner.train_step.remote(trajs))
+            buffer.append((g, group))
+            bar.update(1)
+
+    def finish_update(metrics: dict) -> None:
+        """The learner is done with `training`: publish, log, evaluate, checkpoint."""
+        nonlocal version, last_t, samples_since, idle_since
         t_publish = time.perf_counter()
         version = publish(learner, engines, recipe)
-        t_done = time.perf_counter()
+        idle_since = time.perf_counter()
+        batch, trajs = training.batch, [t for _, group in training.batch for t in group]
         trained.update(g for g, _ in batch)
         state["step"] += 1
         samples_since += len(trajs)
-        now = time.perf_counter()
         metrics.update(
-            reward_mean=float(np.mean([t.reward for t in trajs])), staleness_mean=float(np.mean(stale)),
-            staleness_max=float(max(stale)), samples_per_s=samples_since / (now - last_t),
+            reward_mean=float(np.mean([t.reward for t in trajs])), staleness_mean=float(np.mean(training.stale)),
+            staleness_max=float(max(training.stale)), samples_per_s=samples_since / (idle_since - last_t),
             turns_mean=float(np.mean([t.turns for t in trajs])),
             ok_frac=float(np.mean([t.status == "ok" for t in trajs])), buffer=float(len(buffer)),
-            time_wait_rollout_s=wait_s, time_train_s=t_publish - t_train, time_publish_s=t_done - t_publish,
-            **counters)
-        last_t, samples_since, wait_s = now, 0, 0.0
+            time_learner_idle_s=training.idle_s, time_train_s=t_publish - training.t0,
+            time_publish_s=idle_since - t_publish, **counters)
+        last_t, samples_since = idle_since, 0
         if recipe.eval and rt.eval_every and state["step"] % rt.eval_every == 0:
             metrics["eval_reward"] = evaluate(recipe, workers[0], state["step"])
         logger.log(state["step"], metrics)
@@ -207,6 +205,32 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
                      trained_groups=sorted(trained), samples=state["samples"] + len(trajs))
         if state["step"] == rt.steps or (rt.checkpoint_every and state["step"] % rt.checkpoint_every == 0):
             ray.get(learner.save_checkpoint.remote(str(run / "checkpoints" / f"step_{state['step']}"), dict(state)))
+
+    bar = logger.progress(total=rt.steps * ro.prompts_per_step, desc="rollout groups")
+    bar.update(state["step"] * ro.prompts_per_step)
+    if state["step"] == 0 and recipe.eval and rt.eval_every:
+        logger.log(0, {"eval_reward": evaluate(recipe, workers[0], state["step"])})
+    # The driver never blocks on the learner: while it trains, finished rollouts are admitted and (async)
+    # replaced, so episodes keep running. The batch being trained counts against the look-ahead capacity,
+    # which keeps every admitted group within max_staleness of the update that consumes it.
+    training: _Training | None = None
+    idle_since = time.perf_counter()
+    while state["step"] < rt.steps:
+        if rt.mode == "async" or (not buffer and training is None):
+            fill()
+        ready, _ = ray.wait(list(jobs) + ([training.ref] if training else []), num_returns=1)
+        for ref in ready:
+            if training is not None and ref == training.ref:
+                finish_update(ray.get(ref))
+                training = None
+            else:
+                admit(ref)
+        if training is None and len(buffer) >= ro.prompts_per_step and state["step"] < rt.steps:
+            batch = [buffer.popleft() for _ in range(ro.prompts_per_step)]
+            trajs = [t for _, group in batch for t in group]
+            now = time.perf_counter()
+            training = _Training(learner.train_step.remote(trajs), batch, [_staleness(t, version) for t in trajs],
+                                 now, now - idle_since)
     bar.close()
     summary = {"steps": state["step"], "trained_groups": sorted(trained), **counters,
                "ray": {"gcs_address": ray.get_runtime_context().gcs_address, "nodes": len(ray.nodes())}}
