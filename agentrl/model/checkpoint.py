@@ -74,13 +74,16 @@ def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(
-    model: MoEForCausalLM, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None
+    model: MoEForCausalLM, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write config.json, generation_config.json, model.safetensors (and tokenizer files if given)."""
+    """Write config.json, generation_config.json, model.safetensors (and tokenizer files if given).
+    `state` (fused-expert keys, as `model.state_dict()`) replaces the model's own weights: a snapshot
+    taken earlier, or EMA weights."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state = {k: v.detach() for k, v in (model.state_dict() if state is None else state).items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     state = split_experts(state)

@@ -163,6 +163,7 @@ class LearnerActorImpl:
             raise ValueError(f"unknown learner backend {backend!r} (torch | megatron)")
         self.learner = learner_cls(load_pretrained(model_dir), learner_cfg)
         self.weights_dir = Path(weights_dir)
+        self._writer = None  # publish thread, started on first use
 
     def train_step(self, trajs) -> dict:
         return self.learner.train_step(trajs)
@@ -174,32 +175,43 @@ class LearnerActorImpl:
         """The state dict to publish (a Ray object once returned) and its version."""
         return self.learner.weights()
 
-    def publish_to_disk(self) -> str:
-        """Write the current weights as an HF checkpoint under weights/ and point LATEST at it (what a
-        restarted engine or an SGLang server loads)."""
-        from transformers import AutoTokenizer
+    def publish_to_disk(self, background: bool = False) -> str:
+        """Write the current weights (EMA ones if `publish: ema`) as an HF checkpoint under weights/ and
+        point LATEST at it: what SGLang servers load and what a restarted engine starts from. With
+        `background`, the weights are snapshotted now and written by a writer thread (one write at a
+        time, in version order), so the learner can start its next update at once; LATEST then may lag
+        by a version, which a restarted engine reports truthfully as its weights' version."""
+        state, version = self.learner.weights()
+        out = self.weights_dir / f"v_{version}"
+        if self._writer is None:
+            import concurrent.futures
+
+            from transformers import AutoTokenizer
+
+            self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        job = self._writer.submit(self._write_weights, state, version, out)
+        if not background:
+            job.result()
+        return str(out)
+
+    def wait_published(self) -> None:
+        """Block until every background publish is on disk."""
+        if self._writer is not None:
+            self._writer.submit(lambda: None).result()
+
+    def _write_weights(self, state: dict, version: int, out: Path) -> None:
+        import shutil
 
         from agentrl.model import save_pretrained
 
-        state, version = self.learner.weights()
-        out = self.weights_dir / f"v_{version}"
-        model = self.learner.model
-        save_pretrained(model, out, tokenizer=AutoTokenizer.from_pretrained(self.model_dir))
-        if self.learner.cfg.publish == "ema" and self.learner.ema is not None:
-            from safetensors.torch import save_file
-
-            from agentrl.model.checkpoint import split_experts
-
-            save_file({k: v.contiguous() for k, v in split_experts(state).items()}, str(out / "model.safetensors"))
+        save_pretrained(self.learner.model, out, tokenizer=self._tokenizer, state=state)
         tmp = self.weights_dir / "LATEST.tmp"
         tmp.write_text(out.name)
         tmp.replace(self.weights_dir / "LATEST")
         for old in self.weights_dir.glob("v_*"):  # keep the newest two
             if old.name not in (out.name, f"v_{version - 1}"):
-                import shutil
-
                 shutil.rmtree(old, ignore_errors=True)
-        return str(out)
 
     def save_checkpoint(self, path: str, extra: dict) -> str:
         from agentrl.runtime.checkpoint import save_checkpoint

@@ -232,6 +232,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             training = _Training(learner.train_step.remote(trajs), batch, [_staleness(t, version) for t in trajs],
                                  now, now - idle_since)
     bar.close()
+    ray.get(learner.wait_published.remote())
     summary = {"steps": state["step"], "trained_groups": sorted(trained), **counters,
                "ray": {"gcs_address": ray.get_runtime_context().gcs_address, "nodes": len(ray.nodes())}}
     if recipe.eval:
@@ -246,11 +247,12 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 def publish(learner, engines, recipe: Recipe) -> int:
     """New weights to every engine: as a Ray object for embedded engines, from disk for servers.
     The disk copy is also what a restarted engine loads."""
-    path = ray.get(learner.publish_to_disk.remote())
+    rt = recipe.runtime
+    embedded = recipe.engine.backend == "embedded"
+    path = ray.get(learner.publish_to_disk.remote(background=embedded))  # servers load the file: wait for it
     state_ref, version_ref = learner.weights.options(num_returns=2).remote()
     version = ray.get(version_ref)
-    rt = recipe.runtime
-    if recipe.engine.backend == "embedded":
+    if embedded:
         ray.get([e.update_weights.remote(state_ref, version, rt.in_flight) for e in engines])
     else:
         ray.get([e.update_weights_from_disk.remote(path, version, rt.in_flight) for e in engines])
