@@ -236,3 +236,19 @@ def test_real_engine_rows_share_only_where_they_agree(tmp_path):
     assert shared.computed_tokens == sum(len(t) for t in trajs) - saved
     ref = reference_logits(model, trajs, replay=True)
     torch.testing.assert_close(batch_logits(model, trajs, shared, True), ref, rtol=0, atol=1e-10)
+
+
+def test_megatron_learner_never_shares_and_matches_the_sharing_torch_learner():
+    """MegatronLearner reuses train_step with its own forward (no parent_ids): sharing is off there;
+    its update equals the torch learner's with shared prefixes."""
+    from agentrl.learner.mcore import MegatronLearner
+
+    model, trajs = MoEForCausalLM(CFG).init_weights(0), trajectories()
+    kw = dict(replay="R3", lr=1e-3, correction="tis")
+    torch_l = TorchLearner(copy.deepcopy(model), LearnerConfig(**kw))
+    mcore_l = MegatronLearner(copy.deepcopy(model), LearnerConfig(**kw))
+    assert torch_l.cfg.share_prefix and mcore_l.cfg.share_prefix  # the default; megatron ignores it
+    mt, mm = torch_l.train_step(trajs), mcore_l.train_step(trajs)
+    assert mm["computed_tokens"] == mm["batch_tokens"] > mt["computed_tokens"]
+    for k in ("loss", "pg_loss", "entropy", "mismatch_kl", "routing_disagree_any"):
+        assert mm[k] == pytest.approx(mt[k], rel=1e-5, abs=1e-7), k

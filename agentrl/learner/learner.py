@@ -216,14 +216,14 @@ class TorchLearner:
         everything = list(range(n))
         share = self._share_prefix
         # micro-batches count a shared prefix once (token prefixes only: rows may shorten it in build_batch)
-        groups = [t.group_id for t in ok] if share else None
-        prefix = shared_prefix_lengths(ok) if share else None
+        prefix = shared_prefix_lengths(ok) if share else {}
+        groups = [t.group_id for t in ok] if prefix else None  # nothing shared: the plain packed batches
 
         def parts(idx: list[int]) -> list[list[int]]:
             return _micro_batches(lens, idx, cfg.micro_batch_tokens, groups, prefix)
 
         def make(mb: list[int], with_routing: bool) -> ModelBatch:
-            shares = share and any(groups[i] in prefix for i in mb)
+            shares = bool(prefix) and any(groups[i] in prefix for i in mb)
             return build_batch([ok[i] for i in mb], self.layout, cfg.layout, self._row_tokens(lens, mb, shares),
                                with_routing=with_routing, share_prefix=shares).with_targets(mask[mb])
 
