@@ -59,7 +59,8 @@ def grpo_batch(cfg, layout, groups, size, prompt_len, max_new, seed=0) -> list[T
             out.append(Trajectory(
                 tokens=np.concatenate([prompt, rng.integers(9, cfg.vocab_size, gen)]), loss_mask=mask,
                 logprobs=np.where(mask, -rng.random(length) * 3, 0).astype(np.float32),
-                versions=np.where(mask, 0, -1), routing=RoutingRows(r.astype(layout.dtype), np.zeros(length - 1, np.int64)),
+                versions=np.where(mask, 0, -1),
+                routing=RoutingRows(r.astype(layout.dtype), np.zeros(length - 1, np.int64)),
                 reward=float(rng.integers(2)), group_id=str(g)))
     return out
 
