@@ -10,6 +10,7 @@
    (../shared/sglang-cpu), through agentrl's client. SGLang is started only for that part.
 
     python benchmarks/engine.py [--episodes 32] [--turns 4] [--env-tokens 16] [--gen 32] [--no-sglang]
+    python benchmarks/engine.py --device cuda [--preset small-moe]     # both on a GPU, bf16
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from agentrl.engine.engine import Engine
+from agentrl.engine.engine import DTYPES, Engine
 from agentrl.engine.types import GenerateRequest, SamplingParams
 from agentrl.model.checkpoint import init_model
 
@@ -50,25 +51,26 @@ async def run_multiturn(generate, eps, gen_tokens: int, routed: bool) -> int:
     return sum(await asyncio.gather(*(one(ep) for ep in eps)))
 
 
-def bench_capture(ckpt, eps, gen_tokens: int, rounds: int) -> dict[str, float]:
+def bench_capture(ckpt, eps, gen_tokens: int, rounds: int, device: str = "cpu") -> dict[str, float]:
     """Tokens/s with capture on vs off, alternating, fresh engines (no cache carried over)."""
     times: dict[str, list[float]] = {"on": [], "off": []}
     for r in range(rounds):
         for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
-            with Engine.from_pretrained(ckpt, dtype="bfloat16", capture_routing=mode == "on") as eng:
+            with Engine.from_pretrained(ckpt, dtype="bfloat16", capture_routing=mode == "on", device=device) as eng:
                 t0 = time.perf_counter()
                 n = asyncio.run(run_multiturn(eng.generate, eps, gen_tokens, routed=mode == "on"))
                 times[mode].append(n / (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_hf(ckpt, eps, gen_tokens: int) -> float:
+def bench_hf(ckpt, eps, gen_tokens: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
+             experts: str = "eager") -> float:
     """transformers generate, batch = all episodes, re-prefilling the history each turn."""
     import transformers
 
     # "eager" is transformers' fastest MoE path on this CPU (grouped_mm measured ~9x slower here)
-    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
-                                                             experts_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype,
+                                                             experts_implementation=experts).to(device).eval()
     hist = [[] for _ in eps]
     new = 0
     t0 = time.perf_counter()
@@ -80,16 +82,16 @@ def bench_hf(ckpt, eps, gen_tokens: int) -> float:
         for i, h in enumerate(hist):
             ids[i, s - len(h):], mask[i, s - len(h):] = torch.tensor(h), 1
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=gen_tokens,
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=gen_tokens,
                                  min_new_tokens=gen_tokens, do_sample=True, pad_token_id=0)
-        gen = out[:, s:]
+        gen = out[:, s:].cpu()
         hist = [h + g.tolist() for h, g in zip(hist, gen)]
         new += gen.numel()
     return new / (time.perf_counter() - t0)
 
 
-def bench_ours_fp32(ckpt, eps, gen_tokens: int) -> float:
-    with Engine.from_pretrained(ckpt, dtype="float32") as eng:
+def bench_ours(ckpt, eps, gen_tokens: int, device: str = "cpu", dtype: str = "float32") -> float:
+    with Engine.from_pretrained(ckpt, dtype=dtype, device=device) as eng:
         t0 = time.perf_counter()
         n = asyncio.run(run_multiturn(eng.generate, eps, gen_tokens, routed=True))
         return n / (time.perf_counter() - t0)
@@ -122,27 +124,49 @@ def main() -> None:
     ap.add_argument("--env-tokens", type=int, default=16)
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=4, help="alternating rounds for capture on/off")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs of transformers and the engine (median)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: both engines on the GPU")
+    ap.add_argument("--dtype", default=None, help="vs-transformers dtype (default: float32 on cpu, bfloat16 on cuda)")
     ap.add_argument("--no-sglang", action="store_true")
     args = ap.parse_args()
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    # on this CPU "eager" is transformers' fastest MoE path (grouped_mm ~9x slower); on a GPU both are tried
+    experts = ["eager"] if args.device == "cpu" else ["eager", "grouped_mm"]
     with tempfile.TemporaryDirectory() as d:
         ckpt = init_model(args.preset, Path(d) / "m", seed=0)
         eps = episodes(args.episodes, args.turns, args.env_tokens, 500)
-        cap = bench_capture(ckpt, eps, args.gen, args.rounds)
-        hf = bench_hf(ckpt, eps, args.gen)
-        ours = bench_ours_fp32(ckpt, eps, args.gen)
-        sgl = None if args.no_sglang else bench_sglang(ckpt, eps, args.gen)
+        if args.device != "cpu":  # first-use costs (CUDA context, kernel selection) out of the timings
+            bench_ours(ckpt, eps[:4], 4, args.device, dtype)
+            for e in experts:
+                bench_hf(ckpt, eps[:4], 4, args.device, DTYPES[dtype], e)
+        cap = bench_capture(ckpt, eps, args.gen, args.rounds, args.device)
+        hf: dict[str, list[float]] = {e: [] for e in experts}
+        ours: list[float] = []
+        for _ in range(args.repeats):
+            for e in experts:
+                hf[e].append(bench_hf(ckpt, eps, args.gen, args.device, DTYPES[dtype], e))
+            ours.append(bench_ours(ckpt, eps, args.gen, args.device, dtype))
+        sgl = None if args.no_sglang or args.device != "cpu" else bench_sglang(ckpt, eps, args.gen)
+    hf_med = {e: statistics.median(v) for e, v in hf.items()}
+    best = max(hf_med, key=hf_med.get)
+    base, mine = hf_med[best], statistics.median(ours)
+    where = "cpu, %d threads" % torch.get_num_threads() if args.device == "cpu" else torch.cuda.get_device_name()
     print(f"workload: {args.episodes} episodes x {args.turns} turns, +{args.env_tokens} env tokens and "
-          f"{args.gen} generated tokens per turn, preset {args.preset}, {torch.get_num_threads()} threads")
-    print(f"{'run':<44}{'new tokens/s':>14}{'ratio':>10}")
-    print(f"{'engine bf16, capture off':<44}{cap['off']:>14.0f}{1.0:>10.3f}")
-    print(f"{'engine bf16, capture on':<44}{cap['on']:>14.0f}{cap['on'] / cap['off']:>10.3f}")
+          f"{args.gen} generated tokens per turn, preset {args.preset}, {where}")
+    print(f"{'run':<48}{'new tokens/s':>14}{'ratio':>10}")
+    print(f"{'engine bf16, capture off':<48}{cap['off']:>14.0f}{1.0:>10.3f}")
+    print(f"{'engine bf16, capture on':<48}{cap['on']:>14.0f}{cap['on'] / cap['off']:>10.3f}")
     print(f"  capture overhead: {100 * (1 - cap['on'] / cap['off']):+.1f}% (goal <= 2%)")
-    print(f"{'transformers generate fp32, eager (baseline)':<44}{hf:>14.0f}{1.0:>10.3f}")
-    print(f"{'engine fp32, rows on':<44}{ours:>14.0f}{ours / hf:>10.2f}")
+    for e in experts:
+        tag = " (baseline)" if e == best else ""
+        print(f"{f'transformers generate {dtype}, {e}{tag}':<48}{hf_med[e]:>14.0f}{hf_med[e] / base:>10.2f}")
+    print(f"{f'engine {dtype}, rows on':<48}{mine:>14.0f}{mine / base:>10.2f}")
+    print(f"  medians of {args.repeats} alternating runs; engine runs: {[round(x) for x in ours]}, "
+          f"transformers: {[round(x) for x in hf[best]]}")
     if sgl is not None:
-        print(f"{'real SGLang server (CPU), rows on':<44}{sgl:>14.0f}{sgl / hf:>10.2f}")
-        print(f"  engine vs SGLang: {ours / sgl:.2f}x")
-    else:
+        print(f"{'real SGLang server (CPU), rows on':<48}{sgl:>14.0f}{sgl / base:>10.2f}")
+        print(f"  engine vs SGLang: {mine / sgl:.2f}x")
+    elif args.device == "cpu":
         print("real SGLang: skipped (no ../shared/sglang-cpu venv, or --no-sglang)")
 
 

@@ -1,6 +1,7 @@
 """The embedded engine against a full-sequence fp32 recompute with the same model."""
 
 import asyncio
+import os
 
 import numpy as np
 import pytest
@@ -26,8 +27,12 @@ def ref(ckpt):
     return load_pretrained(ckpt).eval()
 
 
+# AGENTRL_ENGINE_DEVICE=cuda runs every engine of this file on a GPU against the same host fp32 reference
+DEVICE = os.environ.get("AGENTRL_ENGINE_DEVICE", "cpu")
+
+
 def engine(ckpt, **kw) -> Engine:
-    return Engine.from_pretrained(ckpt, dtype=kw.pop("dtype", "float32"), **kw).start()
+    return Engine.from_pretrained(ckpt, dtype=kw.pop("dtype", "float32"), device=DEVICE, **kw).start()
 
 
 def reference(model, seq: list[int]):

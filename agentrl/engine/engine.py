@@ -56,6 +56,7 @@ class EngineConfig:
     capture_routing: bool = True  # write routing rows beside KV (off only for overhead benchmarks)
     seed: int = 0  # generator for requests without their own seed
     threads: int = 1  # intra-op threads of the scheduler thread (CPU); small decode steps run faster on one
+    device: str = "cpu"  # where the model and the KV pool live ("cuda", "cuda:1", ...); rows and sampling stay on the host
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -93,7 +94,7 @@ class Engine:
     def __init__(self, model: MoEForCausalLM, cfg: EngineConfig | None = None, tokenizer=None,
                  model_path: str = "") -> None:
         self.cfg = cfg or EngineConfig()
-        self.model = model.to(DTYPES[self.cfg.dtype]).eval()
+        self.model = model.to(device=self.cfg.device, dtype=DTYPES[self.cfg.dtype]).eval()
         self.config = model.config
         self.tokenizer = tokenizer
         self.model_path = model_path
@@ -102,7 +103,7 @@ class Engine:
         c = self.config
         self.pool = SlotPool(self.cfg.max_total_tokens, c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
                              DTYPES[self.cfg.dtype], len(c.moe_layers), c.num_experts_per_tok,
-                             self.layout.dtype if self.layout else None)
+                             self.layout.dtype if self.layout else None, device=self.cfg.device)
         self.tree = RadixCache()
         self.eos_ids = {t for t in (c.eos_token_id, getattr(tokenizer, "eos_token_id", None)) if t is not None}
         self._gen = torch.Generator().manual_seed(self.cfg.seed)

@@ -9,6 +9,7 @@ new token. Does not own: which tokens are scheduled (engine.py) or sampling (sam
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,75 +30,95 @@ class Segment:
     want_logits: bool  # does the last new token's next-token distribution get sampled
 
 
-def _decode_index(segs: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots of every single-token segment padded to [B, Lmax], and the [B, 1, 1, Lmax] key mask.
-    Built once per step and shared by all layers."""
+@dataclass
+class _Group:
+    """Segments attended in one SDPA call: padded queries [B, nmax] over padded keys [B, Lmax]."""
+
+    kidx: torch.Tensor  # [B, Lmax] KV slots of each segment's whole sequence (0-padded)
+    mask: torch.Tensor  # [B, 1, nmax, Lmax] bool: key j visible to query t (causal within the sequence)
+    qidx: torch.Tensor  # [B, nmax] position of each query in the step's flat token list (0-padded)
+    qvalid: torch.Tensor  # [B, nmax] bool
+    tok: torch.Tensor  # [Nq] flat positions of the real queries, in qidx[qvalid] order
+
+
+def _group(segs: list[Segment], offsets: list[int], device) -> _Group:
+    """Built once per step on the host, shared by all layers."""
     lens = [len(s.slots) for s in segs]
-    idx = np.zeros((len(segs), max(lens)), dtype=np.int64)
+    ns = [len(s.ids) for s in segs]
+    b, lmax, nmax = len(segs), max(lens), max(ns)
+    kidx = np.zeros((b, lmax), dtype=np.int64)
+    qidx = np.zeros((b, nmax), dtype=np.int64)
+    qpos = np.zeros((b, nmax), dtype=np.int64)  # padded queries see key 0 only (no NaN rows; discarded)
     for i, s in enumerate(segs):
-        idx[i, : lens[i]] = s.slots
-    mask = torch.arange(idx.shape[1])[None, :] < torch.tensor(lens)[:, None]
-    return torch.from_numpy(idx), mask[:, None, None, :]
+        kidx[i, : lens[i]] = s.slots
+        qidx[i, : ns[i]] = np.arange(offsets[i], offsets[i] + ns[i])
+        qpos[i, : ns[i]] = np.arange(s.start, s.start + ns[i])
+    qvalid = np.arange(nmax)[None, :] < np.array(ns)[:, None]
+    mask = np.arange(lmax)[None, None, :] <= qpos[:, :, None]
+    t = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
+    return _Group(t(kidx), t(mask[:, None]), t(qidx), t(qvalid), t(qidx[qvalid]))
 
 
-def _attend_decode(q, k_pool, v_pool, idx, mask, pos):
-    """All single-token segments in one SDPA: keys gathered into a padded [B, nkv, Lmax, D] batch."""
-    b, lmax = idx.shape
-    flat = idx.reshape(-1)  # index_select copies rows ~6x faster than advanced indexing on CPU
+def _attend(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, g: _Group) -> torch.Tensor:
+    """q [1, nh, T, D] -> attention output of the group's real queries [Nq, nh, D]."""
+    b, lmax = g.kidx.shape
+    flat = g.kidx.reshape(-1)  # index_select copies rows ~6x faster than advanced indexing on CPU
     k = k_pool.index_select(0, flat).view(b, lmax, *k_pool.shape[1:]).transpose(1, 2)  # [B, nkv, Lmax, D]
     v = v_pool.index_select(0, flat).view(b, lmax, *v_pool.shape[1:]).transpose(1, 2)
-    qb = q[0, :, pos].transpose(0, 1)[:, :, None]  # [B, nh, 1, D]
-    out = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, enable_gqa=True)
-    return out[:, :, 0]  # [B, nh, D]
-
-
-def _attend_prefill(q, k_pool, v_pool, seg: Segment, lo: int, hi: int):
-    """One request's chunk: queries at positions start..start+n attend causally over all its slots."""
-    slots = torch.from_numpy(seg.slots)
-    k = k_pool.index_select(0, slots).transpose(0, 1)[None]  # [1, nkv, L, D]
-    v = v_pool.index_select(0, slots).transpose(0, 1)[None]
-    n, total = hi - lo, len(seg.slots)
-    qpos = torch.arange(seg.start, seg.start + n)[:, None]
-    mask = torch.arange(total)[None, :] <= qpos  # [n, L]
-    out = F.scaled_dot_product_attention(q[:, :, lo:hi], k, v, attn_mask=mask, enable_gqa=True)
-    return out[0].transpose(0, 1)  # [n, nh, D]
+    nh, d = q.shape[1], q.shape[3]
+    qb = q[0].index_select(1, g.qidx.reshape(-1)).view(nh, b, -1, d).transpose(0, 1)  # [B, nh, nmax, D]
+    out = F.scaled_dot_product_attention(qb, k, v, attn_mask=g.mask, enable_gqa=True)
+    return out.transpose(1, 2)[g.qvalid]  # [Nq, nh, D]
 
 
 @torch.inference_mode()
 def paged_forward(model: MoEForCausalLM, pool: SlotPool, segs: list[Segment]):
     """Returns (logits [num want_logits, V] float32 in segment order, rows [T, moe_layers, k] or None,
-    new_slots [T]) where T = all new tokens in segment order."""
-    cfg = model.config
-    ids = torch.tensor([t for s in segs for t in s.ids])
-    pos = torch.cat([torch.arange(s.start, s.start + len(s.ids)) for s in segs])
+    new_slots [T]) where T = all new tokens in segment order; all three on the host.
+    Decode segments (one new token) attend together in one SDPA call, prefill chunks in another (kept
+    apart so single-token queries are not padded to the longest chunk)."""
+    cfg, device = model.config, pool.k.device
+    ids = torch.tensor([t for s in segs for t in s.ids]).to(device, non_blocking=True)
+    pos = torch.from_numpy(np.concatenate([np.arange(s.start, s.start + len(s.ids)) for s in segs]))
     new_slots = torch.from_numpy(np.concatenate([s.slots[s.start:] for s in segs]))
-    offsets, o = [], 0
-    for s in segs:
-        offsets.append((o, o + len(s.ids)))
-        o += len(s.ids)
-    decode = [i for i, s in enumerate(segs) if len(s.ids) == 1]
-    prefill = [i for i, s in enumerate(segs) if len(s.ids) > 1]
-    decode_pos = torch.tensor([offsets[i][0] for i in decode], dtype=torch.long)
-    if decode:
-        dec_idx, dec_mask = _decode_index([segs[i] for i in decode])
+    new_slots_dev = new_slots.to(device, non_blocking=True)
+    offsets = np.cumsum([0] + [len(s.ids) for s in segs]).tolist()
+    groups = []
+    for members in ([i for i, s in enumerate(segs) if len(s.ids) == 1], [i for i, s in enumerate(segs) if len(s.ids) > 1]):
+        if members:
+            groups.append(_group([segs[i] for i in members], [offsets[i] for i in members], device))
 
     x = model.model.embed_tokens(ids)[None]  # [1, T, H]
-    cos, sin = rope_cos_sin(pos[None], cfg.head_dim, cfg.rope_theta, x.dtype)
+    cos, sin = rope_cos_sin(pos.to(device)[None], cfg.head_dim, cfg.rope_theta, x.dtype)
+    with _attention_kernels(device):
+        x = _layers(model, pool, x, cos, sin, new_slots_dev, groups)
+    last = torch.tensor([offsets[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits], dtype=torch.long)
+    logits = model.lm_head(model.model.norm(x[0, last.to(device)])).float().cpu()
+    hook = model.routing_replay
+    rows = hook.selected_rows().cpu() if hook is not None else None
+    return logits, rows, new_slots
+
+
+def _attention_kernels(device: torch.device):
+    """On CUDA, SDPA's cuDNN backend builds a graph per new shape (every step's [B, Lmax] is new: ~50 ms
+    each, measured on an H100); the memory-efficient kernel takes any shape and a boolean mask."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _layers(model: MoEForCausalLM, pool: SlotPool, x, cos, sin, new_slots, groups: list[_Group]) -> torch.Tensor:
+    device = x.device
     for li, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)  # q [1, nh, T, D]; k, v [1, nkv, T, D]
         pool.k[li].index_copy_(0, new_slots, k[0].transpose(0, 1))
         pool.v[li].index_copy_(0, new_slots, v[0].transpose(0, 1))
-        out = torch.empty(q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype)  # [T, nh, D]
-        if decode:
-            out[decode_pos] = _attend_decode(q, pool.k[li], pool.v[li], dec_idx, dec_mask, decode_pos)
-        for i in prefill:
-            lo, hi = offsets[i]
-            out[lo:hi] = _attend_prefill(q, pool.k[li], pool.v[li], segs[i], lo, hi)
+        out = torch.empty(q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=device)  # [T, nh, D]
+        for g in groups:
+            out.index_copy_(0, g.tok, _attend(q, pool.k[li], pool.v[li], g))
         x = x + attn.o_proj(out.reshape(1, out.shape[0], -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    last = torch.tensor([offsets[i][1] - 1 for i, s in enumerate(segs) if s.want_logits], dtype=torch.long)
-    logits = model.lm_head(model.model.norm(x[0, last])).float()
-    hook = model.routing_replay
-    rows = hook.selected_rows() if hook is not None else None
-    return logits, rows, new_slots
+    return x

@@ -23,9 +23,9 @@ class OutOfSlots(RuntimeError):
 
 class SlotPool:
     def __init__(self, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 moe_layers: int, top_k: int, row_dtype: np.dtype | None) -> None:
+                 moe_layers: int, top_k: int, row_dtype: np.dtype | None, device: str | torch.device = "cpu") -> None:
         self.num_slots = num_slots
-        self.k = torch.zeros(num_layers, num_slots, num_kv_heads, head_dim, dtype=dtype)
+        self.k = torch.zeros(num_layers, num_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.routing = np.zeros((num_slots, moe_layers, top_k), dtype=row_dtype) if moe_layers else None
         self.version = np.full(num_slots, -1, dtype=np.int64)
