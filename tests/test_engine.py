@@ -91,6 +91,29 @@ def test_prefix_hit_reuses_kv_and_rows_without_recomputation(ckpt, ref):
     np.testing.assert_allclose(b.output_logprobs, a.output_logprobs, atol=1e-6)
 
 
+def test_a_group_submitted_at_once_prefills_its_prompt_once(ckpt, ref):
+    """8 samples of one prompt arriving together (a GRPO group): one request prefills the prompt, the
+    others wait a step for the cache, so the prompt is computed once and all members carry the very
+    same rows for it; each output still equals the fp32 full-sequence recompute."""
+    p = prompt(11, 40)
+    other = prompt(12, 25)
+    with engine(ckpt) as eng:
+        reqs = [GenerateRequest(p, SamplingParams(temperature=1.0, max_new_tokens=6, seed=i), return_logprob=True,
+                                return_routed_experts=True) for i in range(8)]
+        reqs.append(GenerateRequest(other, GREEDY, return_logprob=True, return_routed_experts=True))
+        futs = [eng.submit(r) for r in reqs]
+        outs = [f.result() for f in futs]
+        counters = dict(eng.counters)
+    assert counters["prefilled_tokens"] == len(p) + 7 + len(other)  # 7 members fed only the last prompt token
+    assert counters["deferred"] >= 7
+    assert [o.cached_tokens for o in outs[:8]].count(len(p) - 1) == 7
+    for o in outs[:8]:
+        assert (o.routed_experts[: len(p) - 1] == outs[0].routed_experts[: len(p) - 1]).all()
+    assert len({tuple(o.output_ids) for o in outs[:8]}) > 1  # the samples still differ
+    for r, o in zip(reqs, outs):
+        check_against_reference(ref, r.input_ids, o)
+
+
 def test_routed_experts_start_len_returns_the_tail(ckpt, ref):
     with engine(ckpt) as eng:
         p = prompt(3, 25)
@@ -184,7 +207,9 @@ def test_abort_releases_memory(ckpt):
         assert eng.abort("x") and not eng.abort("nope")
         out = fut.result()
         assert out.finish_reason["type"] == "abort" and 0 < out.completion_tokens < 500
-        assert eng.pool.free == eng.cfg.max_total_tokens
+        # everything is free again except the prompt, cached (and evictable) once it was prefilled
+        assert eng.tree.num_tokens == 10 and eng.tree.evictable() == 10
+        assert eng.pool.free == eng.cfg.max_total_tokens - 10
 
 
 def test_sampling_controls(ckpt):

@@ -45,6 +45,15 @@ from agentrl.model.modeling import MoEForCausalLM
 from agentrl.routing import RoutingLayout
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+MIN_SHARED_PREFILL = 16  # prompt tokens another request is about to cache that make a new request wait a step
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 @dataclass
@@ -72,6 +81,7 @@ class _Req:
         self.prompt_len = len(self.tokens)
         self.slots: list[int] = []  # KV slots of fed tokens (one reference each held by this request)
         self.slot_arr = np.zeros(self.prompt_len + max_new, dtype=np.int64)  # the same slots, for the forward
+        self.prompt_cached = False  # its fed prompt is in the radix cache (see Engine._cache_prompt)
         self.node = None  # locked radix node of the cached prefix
         self.cached = 0
         self.reserved = 0
@@ -117,7 +127,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.counters = dict(prefilled_tokens=0, decoded_tokens=0, cached_tokens=0, steps=0, finished=0,
-                             aborted=0, evicted_tokens=0)
+                             aborted=0, evicted_tokens=0, deferred=0)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: str = "bfloat16", **kw) -> Engine:
@@ -305,15 +315,46 @@ class Engine:
         self.counters["cached_tokens"] += len(slots)
         return True
 
+    def _defer(self, r: _Req) -> bool:
+        """True if a running request whose prompt is not cached yet shares at least `MIN_SHARED_PREFILL`
+        more tokens of r's prompt than the cache holds. r is then admitted once that prompt is cached
+        (after its prefill), so a GRPO group's prompt is prefilled once and every member reads the same
+        KV and routing rows for it."""
+        prompt = r.tokens[: r.prompt_len - 1]
+        cached = None
+        for o in self._running:
+            if o.prompt_cached or not prompt or o.tokens[0] != prompt[0]:
+                continue
+            if cached is None:
+                cached = len(self.tree.match(prompt)[0])
+            n = _common_prefix_len(prompt, o.tokens[: o.prompt_len])
+            if n >= cached + MIN_SHARED_PREFILL:
+                self.counters["deferred"] += 1
+                return True
+        return False
+
+    def _cache_prompt(self, r: _Req) -> None:
+        """Once a request's prompt is fed, its prefix enters the radix cache (not only at finish), so
+        requests with the same prompt that arrive while it decodes hit the cache."""
+        fed = len(r.slots)
+        r.prompt_cached = True
+        if (self.pool.version[r.slots] == self.version).all():
+            self.pool.ref(self.tree.insert(r.tokens[:fed], r.slots))
+
     def _schedule(self) -> tuple[list[Segment], list[_Req]]:
         segs, owners = [], []
         budget = self.cfg.chunk_size
         # decode tokens first (one each), then continuing prefills, then new admissions (FIFO)
         order = sorted(self._running, key=lambda r: r.to_feed() > 1)
-        while self._waiting and len(self._running) < self.cfg.max_running:
-            if not self._admit(self._waiting[0]):
-                break
-            r = self._waiting.pop(0)
+        i = 0
+        while i < len(self._waiting) and len(self._running) < self.cfg.max_running:
+            r = self._waiting[i]
+            if self._defer(r):  # wait one step for the cache instead of computing the same prefix twice
+                i += 1
+                continue
+            if not self._admit(r):
+                break  # out of KV: later requests wait too (FIFO)
+            self._waiting.pop(i)
             self._running.append(r)
             order.append(r)
         for r in order:
@@ -351,6 +392,8 @@ class Engine:
                 self.counters["prefilled_tokens"] += len(seg.ids)
             if not seg.want_logits:
                 continue
+            if not r.prompt_cached and len(r.slots) >= r.prompt_len:
+                self._cache_prompt(r)
             tok, lp = toks[j], lps[j]
             j += 1
             r.tokens.append(tok)
