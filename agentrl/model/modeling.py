@@ -120,11 +120,13 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         xs = x[token]
         outs = []
+        # unbind, not gate_up_proj[e]: each indexed view's backward would zero-fill a full [E, ...] gradient
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         for e, chunk in enumerate(torch.split(xs, counts)):
             if chunk.shape[0] == 0:
                 continue
-            g, u = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(g) * u, self.down_proj[e]))
+            g, u = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(g) * u, down[e]))
         y = torch.cat(outs) * gates.reshape(-1)[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 

@@ -175,6 +175,12 @@ class LearnerActorImpl:
         """The state dict to publish (a Ray object once returned) and its version."""
         return self.learner.weights()
 
+    def publish(self, background: bool = False) -> tuple[dict, int, str]:
+        """The weights to publish (state dict, version) and the checkpoint they are written to
+        (`publish_to_disk`), in one call: the state goes to embedded engines as a Ray object."""
+        state, version = self.learner.weights()
+        return state, version, self._write_async(state, version, background)
+
     def publish_to_disk(self, background: bool = False) -> str:
         """Write the current weights (EMA ones if `publish: ema`) as an HF checkpoint under weights/ and
         point LATEST at it: what SGLang servers load and what a restarted engine starts from. With
@@ -182,6 +188,9 @@ class LearnerActorImpl:
         time, in version order), so the learner can start its next update at once; LATEST then may lag
         by a version, which a restarted engine reports truthfully as its weights' version."""
         state, version = self.learner.weights()
+        return self._write_async(state, version, background)
+
+    def _write_async(self, state: dict, version: int, background: bool) -> str:
         out = self.weights_dir / f"v_{version}"
         if self._writer is None:
             import concurrent.futures

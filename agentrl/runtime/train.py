@@ -131,6 +131,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         state = ray.get(learner.load_checkpoint.remote(str(ckpt)))
         print(f"resumed from {ckpt} at step {state['step']}")
         publish(learner, engines, recipe)
+    pending_updates: list = []  # async: engine weight loads still running (checked before the next publish)
     trained = set(state["trained_groups"])
     logger = RunLogger(run, tensorboard=recipe.output.tensorboard, console=recipe.output.console)
     sampling = SamplingParams(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens)
@@ -182,9 +183,12 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
     def finish_update(metrics: dict) -> None:
         """The learner is done with `training`: publish, log, evaluate, checkpoint."""
-        nonlocal version, last_t, samples_since, idle_since
+        nonlocal version, last_t, samples_since, idle_since, pending_updates
         t_publish = time.perf_counter()
-        version = publish(learner, engines, recipe)
+        ray.get(pending_updates)  # long done: the previous update's loads (surfaces their errors)
+        # sync: rollouts of the next batch must see the new weights; async: engines load them while the
+        # learner goes on (tokens carry the version that produced them, so staleness stays exact)
+        version, pending_updates = publish(learner, engines, recipe, wait=rt.mode == "sync")
         idle_since = time.perf_counter()
         batch, trajs = training.batch, [t for _, group in training.batch for t in group]
         trained.update(g for g, _ in batch)
@@ -199,6 +203,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             time_publish_s=idle_since - t_publish, **counters)
         last_t, samples_since = idle_since, 0
         if recipe.eval and rt.eval_every and state["step"] % rt.eval_every == 0:
+            ray.get(pending_updates)  # evaluate the weights of this step
             metrics["eval_reward"] = evaluate(recipe, workers[0], state["step"])
         logger.log(state["step"], metrics)
         state.update(next_group=min([g for g, _ in buffer] + [g for gs, _ in jobs.values() for g in gs] + [next_group]),
@@ -232,6 +237,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             training = _Training(learner.train_step.remote(trajs), batch, [_staleness(t, version) for t in trajs],
                                  now, now - idle_since)
     bar.close()
+    ray.get(pending_updates)
     ray.get(learner.wait_published.remote())
     summary = {"steps": state["step"], "trained_groups": sorted(trained), **counters,
                "ray": {"gcs_address": ray.get_runtime_context().gcs_address, "nodes": len(ray.nodes())}}
@@ -244,19 +250,26 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     return summary
 
 
-def publish(learner, engines, recipe: Recipe) -> int:
+def publish(learner, engines, recipe: Recipe, wait: bool = True) -> tuple[int, list]:
     """New weights to every engine: as a Ray object for embedded engines, from disk for servers.
-    The disk copy is also what a restarted engine loads."""
+    The disk copy is also what a restarted engine loads. Returns the new version and, with
+    `wait=False`, the engines' pending update calls (the learner may start its next update while the
+    engines load; their own version tags say which weights produced each token)."""
     rt = recipe.runtime
     embedded = recipe.engine.backend == "embedded"
-    path = ray.get(learner.publish_to_disk.remote(background=embedded))  # servers load the file: wait for it
-    state_ref, version_ref = learner.weights.options(num_returns=2).remote()
+    # one call: the state dict (a Ray object for embedded engines) and the checkpoint written for
+    # servers and restarted engines (in the background unless servers must load it now)
+    state_ref, version_ref, path_ref = learner.publish.options(num_returns=3).remote(background=embedded)
     version = ray.get(version_ref)
     if embedded:
-        ray.get([e.update_weights.remote(state_ref, version, rt.in_flight) for e in engines])
+        pending = [e.update_weights.remote(state_ref, version, rt.in_flight) for e in engines]
     else:
-        ray.get([e.update_weights_from_disk.remote(path, version, rt.in_flight) for e in engines])
-    return version
+        path = ray.get(path_ref)
+        pending = [e.update_weights_from_disk.remote(path, version, rt.in_flight) for e in engines]
+    if wait:
+        ray.get(pending)
+        pending = []
+    return version, pending
 
 
 def evaluate(recipe: Recipe, worker, step: int) -> float:
