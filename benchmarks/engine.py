@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--env-tokens", type=int, default=16)
     ap.add_argument("--gen", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds for capture on/off")
+    ap.add_argument("--rounds", type=int, default=8, help="alternating rounds for capture on/off (median)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of transformers and the engine (median)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: both engines on the GPU")
     ap.add_argument("--dtype", default=None, help="vs-transformers dtype (default: float32 on cpu, bfloat16 on cuda)")

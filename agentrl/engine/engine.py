@@ -379,8 +379,8 @@ class Engine:
         return segs, owners
 
     def _step(self, segs: list[Segment], owners: list[_Req]) -> None:
-        logits, rows, new_slots = paged_forward(self.model, self.pool, segs)
-        self.pool.write_rows(new_slots, rows if self.cfg.capture_routing else None, self.version)
+        logits, rows, new_slots = paged_forward(self.model, self.pool, segs, self.cfg.capture_routing)
+        self.pool.write_rows(new_slots, rows, self.version)
         self.counters["steps"] += 1
         sampled = [r for seg, r in zip(segs, owners) if seg.want_logits]
         toks, lps = sample_batch(logits, [r.req.sampling for r in sampled], [r.gen for r in sampled])

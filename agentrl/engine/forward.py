@@ -72,9 +72,10 @@ def _attend(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, g: _Gro
 
 
 @torch.inference_mode()
-def paged_forward(model: MoEForCausalLM, pool: SlotPool, segs: list[Segment]):
+def paged_forward(model: MoEForCausalLM, pool: SlotPool, segs: list[Segment], capture: bool = True):
     """Returns (logits [num want_logits, V] float32 in segment order, rows [T, moe_layers, k] or None,
-    new_slots [T]) where T = all new tokens in segment order; all three on the host.
+    new_slots [T]) where T = all new tokens in segment order; all three on the host. `capture=False`
+    skips collecting the rows (the routers choose their experts either way).
     Decode segments (one new token) attend together in one SDPA call, prefill chunks in another (kept
     apart so single-token queries are not padded to the longest chunk)."""
     cfg, device = model.config, pool.k.device
@@ -95,7 +96,7 @@ def paged_forward(model: MoEForCausalLM, pool: SlotPool, segs: list[Segment]):
     last = torch.tensor([offsets[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits], dtype=torch.long)
     logits = model.lm_head(model.model.norm(x[0, last.to(device)])).float().cpu()
     hook = model.routing_replay
-    rows = hook.selected_rows().cpu() if hook is not None else None
+    rows = hook.selected_rows().cpu() if hook is not None and capture else None
     return logits, rows, new_slots
 
 
