@@ -224,6 +224,7 @@ _LEARNER_DOCS: dict[str, str] = {
     "aux_loss_coef": "MoE load-balancing loss coefficient (on the replayed assignment)",
     "ema_decay": "Polyak averaging of the policy weights (null = off)",
     "publish": "which weights go to the engines: the policy or its EMA",
+    "device": "where the torch learner trains: cpu, cuda, cuda:N (batches, losses and metrics stay on the host)",
     "seed": "learner seed (mini-batch shuffling)",
 }
 _LEARNER_TYPES: dict[str, Any] = {"agg": Literal[AGG_MODES], "correction": Literal[CORRECTIONS]}

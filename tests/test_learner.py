@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -43,8 +44,12 @@ def moe_trajs(moe_ckpt):
     return rollouts(moe_ckpt)
 
 
+# AGENTRL_LEARNER_DEVICE=cuda trains every `learner(...)` of this file on a GPU (rollouts stay on the host engine)
+DEVICE = os.environ.get("AGENTRL_LEARNER_DEVICE", "cpu")
+
+
 def learner(ckpt, **kw):
-    return TorchLearner(load_pretrained(ckpt), LearnerConfig(**kw))
+    return TorchLearner(load_pretrained(ckpt), LearnerConfig(**{"device": DEVICE, **kw}))
 
 
 def test_r3_replays_engine_routing_and_lowers_mismatch(moe_ckpt, moe_trajs, tmp_path):
@@ -55,7 +60,7 @@ def test_r3_replays_engine_routing_and_lowers_mismatch(moe_ckpt, moe_trajs, tmp_
     # bf16 engine vs fp32 learner: free routing disagrees with the engine somewhere ...
     assert off["routing_disagree_any"] > 0
     # ... replay uses exactly the engine's experts (last update forward: selected == rows where rows exist)
-    batch = build_batch(moe_trajs[-1:], r3l.layout, "packed")
+    batch = build_batch(moe_trajs[-1:], r3l.layout, "packed").to(DEVICE)
     with torch.no_grad(), r3l.hook.replay(batch.routing, batch.routing_mask):
         r3l.model(batch.input_ids, segment_ids=batch.segment_ids)
     used = r3l.hook.selected_rows()[batch.routing_mask.reshape(-1)]
@@ -121,11 +126,11 @@ def test_mini_batches_and_corrections_and_losses(moe_ckpt, moe_trajs):
             assert 0 < m["corr_accepted_frac"] <= 1
         if "ema_decay" in kw:
             published, v = lrn.weights()
-            raw = lrn.model.state_dict()
+            raw = {k: v.cpu() for k, v in lrn.model.state_dict().items()}
             assert v == 1 and all(torch.equal(published[k], raw[k]) for k in raw)  # publish="policy"
-            assert any(not torch.equal(lrn.ema[k], raw[k]) for k in raw if raw[k].is_floating_point())
+            assert any(not torch.equal(lrn.ema[k].cpu(), raw[k]) for k in raw if raw[k].is_floating_point())
             lrn.cfg.publish = "ema"
-            assert all(torch.equal(lrn.weights()[0][k], lrn.ema[k]) for k in raw)
+            assert all(torch.equal(lrn.weights()[0][k], lrn.ema[k].cpu()) for k in raw)
 
 
 def test_bad_trajectories_are_rejected_and_counted(moe_ckpt, moe_trajs):

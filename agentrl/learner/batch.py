@@ -23,6 +23,7 @@ not return) are routed freely (`routing_mask` False).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,6 +56,12 @@ class ModelBatch:
     # shared-prefix rows only (None otherwise): each token's parent segment (-1 = none) and position
     parent_ids: torch.Tensor | None = None  # [R, S] int64
     position_ids: torch.Tensor | None = None  # [R, S] int64
+
+    def to(self, device: str | torch.device) -> ModelBatch:
+        """The same batch with every tensor on `device` (a no-op copy-free view on the same device)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **moved)
 
     def with_targets(self, loss_mask: torch.Tensor) -> ModelBatch:
         """Mark the tokens whose log-probabilities are wanted (loss_mask [n_seq, >= max_len] bool)."""

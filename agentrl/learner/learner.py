@@ -83,6 +83,7 @@ class LearnerConfig:
     aux_loss_coef: float = 0.0
     ema_decay: float | None = None  # Polyak averaging of the policy weights
     publish: Literal["policy", "ema"] = "policy"  # which weights go to the engines
+    device: str = "cpu"  # where the model trains ("cuda", "cuda:1"); batches, losses and metrics stay on the host
     seed: int = 0
 
 
@@ -131,8 +132,8 @@ def _micro_batches(lens: list[int], idx: list[int], budget: int,
 class TorchLearner:
     def __init__(self, model: torch.nn.Module, cfg: LearnerConfig | None = None, ref_model: torch.nn.Module | None = None):
         self.cfg = cfg or LearnerConfig()
-        self.model = model.float().train()
-        self.ref_model = ref_model.float().eval() if ref_model is not None else None
+        self.model = model.float().to(self.cfg.device).train()
+        self.ref_model = ref_model.float().to(self.cfg.device).eval() if ref_model is not None else None
         if self.cfg.kl_coef > 0 and ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model")
         self.hook = attach_replay(model) if getattr(model.config, "num_experts", 0) else None
@@ -160,7 +161,10 @@ class TorchLearner:
                 kw["return_aux_loss"] = True
         elif batch.segment_ids is not None:
             raise ValueError("the packed layout needs agentrl's model; use layout='padded' for transformers models")
-        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.dtype == "bfloat16"
+        dev = torch.device(self.cfg.device)
+        batch = batch.to(dev)
+        kw = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        ctx = (torch.autocast(dev.type, dtype=torch.bfloat16) if self.cfg.dtype == "bfloat16"
                else contextlib.nullcontext())
         mine = model is self.model and self.hook is not None
         if mine and rows_mode == "replay" and batch.routing is not None:
@@ -173,10 +177,13 @@ class TorchLearner:
             out = model(batch.input_ids, **kw)
         logp, ent = target_logprobs(out.logits, batch)
         aux_loss = getattr(out, "aux_loss", None) if aux else None
-        return logp, ent, aux_loss
+        if dev.type == "cpu":
+            return logp, ent, aux_loss
+        # the loss is computed on the host; backward flows through these copies into the device graph
+        return logp.cpu(), ent.cpu(), None if aux_loss is None else aux_loss.cpu()
 
     def _rows_per_sequence(self, flat_rows: torch.Tensor, batch: ModelBatch) -> list[np.ndarray]:
-        r = flat_rows.reshape(*batch.input_ids.shape, *flat_rows.shape[1:])
+        r = flat_rows.cpu().reshape(*batch.input_ids.shape, *flat_rows.shape[1:])
         seqs = per_sequence(r, batch)
         return [seqs[i, : n - 1].numpy().astype(self.layout.dtype) for i, n in enumerate(batch.seq_lens)]
 
@@ -380,4 +387,4 @@ class TorchLearner:
     def weights(self) -> tuple[dict[str, torch.Tensor], int]:
         """(state dict for engines, the version it is). EMA weights when `publish == "ema"`."""
         src = self.ema if (self.cfg.publish == "ema" and self.ema is not None) else self.model.state_dict()
-        return {k: v.detach().clone() for k, v in src.items()}, self.version
+        return {k: v.detach().to("cpu", copy=True) for k, v in src.items()}, self.version

@@ -83,7 +83,7 @@ def save_pretrained(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    state = {k: v.detach() for k, v in (model.state_dict() if state is None else state).items()}
+    state = {k: v.detach().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     state = split_experts(state)
