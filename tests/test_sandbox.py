@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -91,7 +92,18 @@ def test_cannot_write_outside_the_workspace(ws, outside):
     assert not target.exists() and (outside / "secret.txt").read_text() == before and not (outside / "d").exists()
     assert not Path("/usr/planted").exists() and not Path("/etc/planted").exists()
     assert not Path(sys.prefix, "planted").exists()
-    assert Sandbox(ws).run("ls /tmp").stdout == ""  # /tmp is private to each run
+    # /tmp is private to each run: the host's files are not there, and nothing outlives a run (the only
+    # entries allowed are mount points of read-only binds, e.g. a venv that itself lives under /tmp)
+    planted = Path(tempfile.mkdtemp(prefix="agentrl-host-"))
+    try:
+        box = Sandbox(ws)
+        box.run("echo x > /tmp/left-behind")
+        listing = box.run("ls -A /tmp").stdout.split()
+        assert planted.name not in listing and "left-behind" not in listing
+        allowed = {Path(p).relative_to("/tmp").parts[0] for p in (sys.prefix, ws) if Path(p).is_relative_to("/tmp")}
+        assert set(listing) <= allowed
+    finally:
+        planted.rmdir()
     host_is_fine()
 
 
