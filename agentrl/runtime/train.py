@@ -121,7 +121,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     workers = [Worker.options(name=f"{tag}:worker:{i}").remote(
         model_dir, recipe.env.id, recipe.env.kwargs, engines, layout, ro.simulated_tool_latency)
         for i in range(ro.workers)]
-    learner = Learner.options(name=f"{tag}:learner").remote(
+    gpu = 1 if recipe.learner.device.startswith("cuda") and recipe.learner.backend == "torch" else 0
+    learner = Learner.options(name=f"{tag}:learner", num_gpus=gpu).remote(
         model_dir, recipe.learner.to_learner_config(), str(weights_dir), 1 if rt.mode == "async" else 0, recipe.seed,
         recipe.learner.backend)
 
