@@ -172,15 +172,20 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             return
         for i, g in enumerate(groups):
             group = trajs[i * ro.group_size:(i + 1) * ro.group_size]
-            if max(_staleness(t, version) for t in group) > rt.max_staleness:
-                if rt.stale_policy == "wait":  # the group waits for fresh weights: generated again
-                    counters["regenerated_stale"] += 1
-                    submit([g], g)
-                else:
-                    counters["dropped_stale"] += 1
-                continue
-            buffer.append((g, group))
-            bar.update(1)
+            if not too_stale(g, group):
+                buffer.append((g, group))
+                bar.update(1)
+
+    def too_stale(g: int, group: list) -> bool:
+        """A group older than max_staleness versions is dropped or generated again (counted)."""
+        if max(_staleness(t, version) for t in group) <= rt.max_staleness:
+            return False
+        if rt.stale_policy == "wait":  # the group waits for fresh weights: generated again
+            counters["regenerated_stale"] += 1
+            submit([g], g)
+        else:
+            counters["dropped_stale"] += 1
+        return True
 
     def finish_update(metrics: dict) -> None:
         """The learner is done with `training`: publish, log, evaluate, checkpoint."""
@@ -218,7 +223,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         logger.log(0, {"eval_reward": evaluate(recipe, workers[0], state["step"])})
     # The driver never blocks on the learner: while it trains, finished rollouts are admitted and (async)
     # replaced, so episodes keep running. The batch being trained counts against the look-ahead capacity,
-    # which keeps every admitted group within max_staleness of the update that consumes it.
+    # and staleness is checked when a group arrives and again when a batch is formed.
     training: _Training | None = None
     idle_since = time.perf_counter()
     while state["step"] < rt.steps:
@@ -231,6 +236,13 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
                 training = None
             else:
                 admit(ref)
+        if training is None and state["step"] < rt.steps:
+            # checked again here: a group's staleness grows while it waits, and with async weight loading
+            # its first tokens may predate the version the driver saw when it was admitted
+            fresh = [item for item in buffer if not too_stale(*item)]
+            if len(fresh) < len(buffer):
+                buffer.clear()
+                buffer.extend(fresh)
         if training is None and len(buffer) >= ro.prompts_per_step and state["step"] < rt.steps:
             batch = [buffer.popleft() for _ in range(ro.prompts_per_step)]
             trajs = [t for _, group in batch for t in group]
