@@ -37,7 +37,7 @@ import torch
 
 from agentrl.engine.forward import Segment, paged_forward
 from agentrl.engine.memory import SlotPool
-from agentrl.engine.radix import RadixCache
+from agentrl.engine.radix import RadixCache, common_prefix
 from agentrl.engine.sampling import sample_batch
 from agentrl.engine.types import GenerateOutput, GenerateRequest, RequestError
 from agentrl.model.checkpoint import fuse_experts, load_pretrained, read_state_dict
@@ -46,14 +46,6 @@ from agentrl.routing import RoutingLayout
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 MIN_SHARED_PREFILL = 16  # prompt tokens another request is about to cache that make a new request wait a step
-
-
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @dataclass
@@ -327,7 +319,7 @@ class Engine:
                 continue
             if cached is None:
                 cached = len(self.tree.match(prompt)[0])
-            n = _common_prefix_len(prompt, o.tokens[: o.prompt_len])
+            n = common_prefix(prompt, o.tokens[: o.prompt_len])
             if n >= cached + MIN_SHARED_PREFILL:
                 self.counters["deferred"] += 1
                 return True

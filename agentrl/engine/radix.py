@@ -22,7 +22,8 @@ class Node:
         self.last_access = 0
 
 
-def _common_prefix(a: tuple[int, ...], b, start: int) -> int:
+def common_prefix(a, b, start: int = 0) -> int:
+    """Length of the common prefix of a and b[start:]."""
     n = 0
     limit = min(len(a), len(b) - start)
     while n < limit and a[n] == b[start + n]:
@@ -49,7 +50,7 @@ class RadixCache:
             child = node.children.get(ids[pos])
             if child is None:
                 break
-            n = _common_prefix(child.key, ids, pos)
+            n = common_prefix(child.key, ids, pos)
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = now
@@ -74,7 +75,7 @@ class RadixCache:
                 adopted.extend(new.slots)
                 self.num_tokens += len(new.key)
                 break
-            n = _common_prefix(child.key, ids, pos)
+            n = common_prefix(child.key, ids, pos)
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = now

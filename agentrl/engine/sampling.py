@@ -52,7 +52,6 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     """logits [B, V] float32 -> (token ids, their logprobs), the same rule as `sample_one` for each row,
     computed for the whole batch at once: one uniform per sampled row, rows that share a generator
     (None = torch's global one) drawing theirs in one call."""
-    b = logits.shape[0]
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
     greedy = temps == 0
     scaled = logits / torch.where(greedy, torch.ones_like(temps), temps)[:, None]

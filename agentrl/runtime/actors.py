@@ -171,24 +171,15 @@ class LearnerActorImpl:
     def version(self) -> int:
         return self.learner.version
 
-    def weights(self) -> tuple[dict, int]:
-        """The state dict to publish (a Ray object once returned) and its version."""
-        return self.learner.weights()
-
     def publish(self, background: bool = False) -> tuple[dict, int, str]:
-        """The weights to publish (state dict, version) and the checkpoint they are written to
-        (`publish_to_disk`), in one call: the state goes to embedded engines as a Ray object."""
+        """The weights to publish (EMA ones if `publish: ema`): the state dict (embedded engines get it
+        as a Ray object), its version, and the HF checkpoint written under weights/ with LATEST pointing
+        at it (what SGLang servers load and what a restarted engine starts from). With `background`,
+        the state is snapshotted now and written by a writer thread (one write at a time, in version
+        order), so the learner can start its next update at once; LATEST may then lag by a version,
+        which a restarted engine reports truthfully as its weights' version."""
         state, version = self.learner.weights()
         return state, version, self._write_async(state, version, background)
-
-    def publish_to_disk(self, background: bool = False) -> str:
-        """Write the current weights (EMA ones if `publish: ema`) as an HF checkpoint under weights/ and
-        point LATEST at it: what SGLang servers load and what a restarted engine starts from. With
-        `background`, the weights are snapshotted now and written by a writer thread (one write at a
-        time, in version order), so the learner can start its next update at once; LATEST then may lag
-        by a version, which a restarted engine reports truthfully as its weights' version."""
-        state, version = self.learner.weights()
-        return self._write_async(state, version, background)
 
     def _write_async(self, state: dict, version: int, background: bool) -> str:
         out = self.weights_dir / f"v_{version}"
