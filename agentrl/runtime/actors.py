@@ -67,6 +67,19 @@ class EngineActorImpl:
     async def generate(self, request: GenerateRequest) -> GenerateOutput:
         return await self.engine.generate(request)
 
+    async def generate_stream(self, requests: list[GenerateRequest]):
+        """Many requests in one actor call (a Ray streaming generator): yields (index, output) as each
+        request finishes, or (index, exception) for a request that failed. One call per batch instead
+        of one per request, without making a batch wait for its slowest request."""
+        async def one(i: int, r: GenerateRequest):
+            try:
+                return i, await self.engine.generate(r)
+            except Exception as e:  # that request fails, not its batch
+                return i, e
+
+        for done in asyncio.as_completed([one(i, r) for i, r in enumerate(requests)]):
+            yield await done
+
     def update_weights(self, state: dict[str, torch.Tensor], version: int, in_flight: str = "continue") -> int:
         """Embedded engines take the state dict itself (a Ray object: no disk round trip)."""
         return self.engine.update_weights_from_state_dict(state, in_flight, version)
@@ -92,13 +105,59 @@ class EngineActorImpl:
 
 
 class RayEngine:
-    """InferenceEngine over an EngineActor handle (what the agent loop sees inside a worker)."""
+    """InferenceEngine over an EngineActor handle (what the agent loop sees inside a worker).
 
-    def __init__(self, actor) -> None:
-        self.actor = actor
+    Requests made in the same event-loop iteration (a GRPO group starting, episodes whose tool calls
+    returned together) travel in one `generate_stream` actor call and come back one by one as they
+    finish: a Ray call costs ~0.6 ms of CPU, which at 64 requests per update was a sizeable share of
+    a 2-core machine. If the engine actor dies mid-stream, Ray runs the stream again on the restarted
+    actor (`max_task_retries`); answers already delivered are not delivered twice. Should Ray give
+    up, the unanswered requests are sent again, up to `retries` times."""
+
+    def __init__(self, actor, retries: int = 20) -> None:
+        self.actor, self.retries = actor, retries
+        self._queue: list[tuple[GenerateRequest, asyncio.Future]] = []
 
     async def generate(self, request: GenerateRequest) -> GenerateOutput:
-        return await self.actor.generate.remote(request)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._send)  # after every request made in this iteration has queued
+        self._queue.append((request, fut))
+        return await fut
+
+    def _send(self) -> None:
+        batch, self._queue = self._queue, []
+        asyncio.ensure_future(self._stream(batch))
+
+    async def _stream(self, batch: list[tuple[GenerateRequest, asyncio.Future]]) -> None:
+        left = dict(enumerate(batch))
+        for attempt in range(self.retries + 1):
+            order = list(left)
+            try:
+                async for ref in self.actor.generate_stream.options(num_returns="streaming").remote(
+                        [left[i][0] for i in order]):
+                    j, out = await ref
+                    item = left.pop(order[j], None)
+                    if item is None or item[1].done():
+                        continue
+                    if isinstance(out, Exception):
+                        item[1].set_exception(out)
+                    else:
+                        item[1].set_result(out)
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                if attempt == self.retries or not left:
+                    for _, fut in left.values():
+                        if not fut.done():
+                            fut.set_exception(e)
+                    return
+                await asyncio.sleep(min(0.1 * 2 ** attempt, 2.0))  # the actor is restarting
+            except Exception as e:  # anything else fails the unanswered requests, never hangs them
+                for _, fut in left.values():
+                    if not fut.done():
+                        fut.set_exception(e)
+                return
 
 
 class RolloutWorkerImpl:
