@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
+import weakref
 import traceback
 from collections.abc import Callable, Sequence
 
@@ -26,6 +28,22 @@ from agentrl.routing import RoutingLayout, RoutingRows, concat_increments
 from agentrl.trajectory import Trajectory
 
 _DUMMY = [{"role": "user", "content": "."}]
+_PROMPTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {messages + tools: ids}
+
+
+def prompt_ids(tokenizer, messages: list[dict], tools: list | None) -> tuple[int, ...]:
+    """The chat-templated, tokenized opening of an episode. Memoized (a GRPO group's episodes open
+    with the same messages): rendering the template and tokenizing was ~13% of a rollout worker's CPU."""
+    cache = _PROMPTS.setdefault(tokenizer, {})
+    key = json.dumps([messages, tools], sort_keys=True, default=str)
+    ids = cache.get(key)
+    if ids is None:
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[key] = ids
+    return ids
 
 
 def render_continuation(tokenizer, messages: list[dict], closed: bool) -> str:
@@ -60,9 +78,7 @@ async def run_episode(engine: InferenceEngine, env, tokenizer, sampling: Samplin
 
     try:
         obs, info = env.reset(seed=seed, options=options)
-        text = tokenizer.apply_chat_template(obs, tools=info.get("tools") or None, tokenize=False,
-                                             add_generation_prompt=True)
-        append(tokenizer(text, add_special_tokens=False)["input_ids"], False)
+        append(prompt_ids(tokenizer, obs, info.get("tools") or None), False)
     except Exception:
         return _trajectory(tokens, mask, logprobs, versions, None, 0.0, "env_error", [], 0, 0, group_id,
                            {"error": traceback.format_exc(limit=3)})

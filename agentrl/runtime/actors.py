@@ -19,10 +19,28 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
 from agentrl.engine.types import GenerateOutput, GenerateRequest, SamplingParams
+
+
+WRITE_INTERVAL_S = 2.0  # background weight checkpoints (embedded engines): at most one per interval
+
+
+def _to_numpy(state: dict[str, torch.Tensor]) -> dict:
+    """A state dict as numpy arrays where numpy has the dtype: Ray stores those zero-copy in shared
+    memory, where torch tensors are pickled and unpickled (~10% of the learner's CPU per publish)."""
+    return {k: v.numpy() if v.dtype != torch.bfloat16 else v for k, v in state.items()}
+
+
+def _to_torch(state: dict) -> dict[str, torch.Tensor]:
+    import warnings
+
+    with warnings.catch_warnings():  # Ray's arrays are read-only views; load_state_dict only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
 
 
 def _latest_weights(weights_dir: Path) -> tuple[Path | None, int]:
@@ -80,9 +98,10 @@ class EngineActorImpl:
         for done in asyncio.as_completed([one(i, r) for i, r in enumerate(requests)]):
             yield await done
 
-    def update_weights(self, state: dict[str, torch.Tensor], version: int, in_flight: str = "continue") -> int:
-        """Embedded engines take the state dict itself (a Ray object: no disk round trip)."""
-        return self.engine.update_weights_from_state_dict(state, in_flight, version)
+    def update_weights(self, state: dict, version: int, in_flight: str = "continue") -> int:
+        """Embedded engines take the state dict itself (a Ray object of numpy arrays or tensors: no disk
+        round trip)."""
+        return self.engine.update_weights_from_state_dict(_to_torch(state), in_flight, version)
 
     async def update_weights_from_disk(self, path: str, version: int, in_flight: str = "continue") -> int:
         if self.backend == "embedded":
@@ -223,6 +242,8 @@ class LearnerActorImpl:
         self.learner = learner_cls(load_pretrained(model_dir), learner_cfg)
         self.weights_dir = Path(weights_dir)
         self._writer = None  # publish thread, started on first use
+        self._last_write = -float("inf")
+        self._unwritten: tuple[dict, int] | None = None  # the newest published state not yet on disk
 
     def train_step(self, trajs) -> dict:
         return self.learner.train_step(trajs)
@@ -232,16 +253,24 @@ class LearnerActorImpl:
 
     def publish(self, background: bool = False) -> tuple[dict, int, str]:
         """The weights to publish (EMA ones if `publish: ema`): the state dict (embedded engines get it
-        as a Ray object), its version, and the HF checkpoint written under weights/ with LATEST pointing
-        at it (what SGLang servers load and what a restarted engine starts from). With `background`,
-        the state is snapshotted now and written by a writer thread (one write at a time, in version
-        order), so the learner can start its next update at once; LATEST may then lag by a version,
-        which a restarted engine reports truthfully as its weights' version."""
+        as a Ray object), its version, and the HF checkpoint under weights/ with LATEST pointing at it
+        (what SGLang servers load and what a restarted engine starts from). Without `background` the
+        checkpoint is on disk when this returns. With it (embedded engines, which get the state itself),
+        the state is snapshotted now and written by a writer thread, one write at a time, in version
+        order, at most one per WRITE_INTERVAL_S (the newest state wins; `wait_published` writes the
+        last one), so the learner starts its next update at once and does not spend a core on disk
+        writes. LATEST may then lag by a few versions; a restarted engine reports its weights' version
+        truthfully, so its samples are checked for staleness like any others."""
         state, version = self.learner.weights()
-        return state, version, self._write_async(state, version, background)
+        return _to_numpy(state), version, self._write_async(state, version, background)
 
     def _write_async(self, state: dict, version: int, background: bool) -> str:
         out = self.weights_dir / f"v_{version}"
+        if background and time.monotonic() - self._last_write < WRITE_INTERVAL_S:
+            self._unwritten = (state, version)
+            return str(out)
+        self._unwritten = None
+        self._last_write = time.monotonic()
         if self._writer is None:
             import concurrent.futures
 
@@ -255,7 +284,9 @@ class LearnerActorImpl:
         return str(out)
 
     def wait_published(self) -> None:
-        """Block until every background publish is on disk."""
+        """Block until the newest published weights are on disk."""
+        if self._unwritten is not None:
+            self._write_async(*self._unwritten, background=False)
         if self._writer is not None:
             self._writer.submit(lambda: None).result()
 
