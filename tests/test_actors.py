@@ -1,12 +1,15 @@
-"""RayEngine (the agent loop's view of an engine actor) on a real local Ray cluster: requests made
+"""The runtime's actors. RayEngine (the agent loop's view of an engine actor) on a real local Ray cluster: requests made
 together travel in one streaming call, each caller gets its own result as soon as it is ready, a bad
-request fails alone, and a killed engine actor is restarted with the unanswered requests sent again."""
+request fails alone, and a killed engine actor is restarted with the unanswered requests sent again. The learner actor
+publishes numpy weights and leaves the newest on disk."""
 
 import asyncio
 import time
 
+import numpy as np
 import pytest
 import ray
+import torch
 
 from agentrl.engine.engine import Engine
 from agentrl.engine.types import GenerateRequest, RequestError, SamplingParams
@@ -116,3 +119,29 @@ def test_requests_in_flight_survive_a_killed_engine_actor(cluster, ckpt, tmp_pat
     assert [o.completion_tokens for o in outs] == [n] * 4
     assert time.perf_counter() - t0 < 300
     ray.get(actor.shutdown.remote())
+
+
+def test_published_weights_are_numpy_and_the_newest_reaches_disk(ckpt, tmp_path):
+    """publish(background=True) hands engines numpy arrays (zero-copy in Ray's store) and throttles disk
+    writes; wait_published leaves the newest version on disk, byte for byte, with LATEST naming it."""
+    from agentrl.learner.learner import LearnerConfig
+    from agentrl.model.checkpoint import fuse_experts, read_state_dict
+    from agentrl.runtime.actors import LearnerActorImpl, _latest_weights, _to_torch
+
+    actor = LearnerActorImpl(ckpt, LearnerConfig(), str(tmp_path))
+    published = []
+    for v in (1, 2, 3):
+        actor.learner.version = v
+        with torch.no_grad():  # a different state each version
+            next(actor.learner.model.parameters()).add_(1.0)
+        state, version, _ = actor.publish(background=True)
+        assert version == v and all(isinstance(a, np.ndarray) for a in state.values())
+        published.append({k: a.copy() for k, a in state.items()})
+    actor.wait_published()
+    path, version = _latest_weights(tmp_path)
+    assert version == 3
+    on_disk = fuse_experts(read_state_dict(path))
+    newest = _to_torch(published[-1])
+    assert on_disk.keys() == newest.keys()
+    for k in newest:
+        assert torch.equal(on_disk[k], newest[k]), k
