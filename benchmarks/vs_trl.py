@@ -2,7 +2,7 @@
 machine, in one run.
 
     pip install -e ".[bench]"        # the baseline, trl 1.16.0 (not an agentrl dependency)
-    python benchmarks/vs_trl.py [--steps 12] [--warmup-steps 150]
+    python benchmarks/vs_trl.py [--steps 30] [--warmup-steps 200]
 
 Setup shared by all rows: a tiny-moe checkpoint built here and warmed up briefly on the single-turn
 arith-v0 task (so rewards are mixed and advantages non-zero), 8 prompts x 8 samples per update,
@@ -104,8 +104,8 @@ def run_trl(model: str, out: Path, steps: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup-steps", type=int, default=150, help="supervised steps before RL (mixed rewards)")
+    ap.add_argument("--steps", type=int, default=30, help="updates per run (the first two are excluded)")
+    ap.add_argument("--warmup-steps", type=int, default=200, help="supervised steps before RL (mixed rewards)")
     args = ap.parse_args()
     import ray
 
