@@ -12,7 +12,9 @@ Columns: `best` = best smoothed training reward (sampled success, moving average
 window) and its step; `collapse` = collapse step and reason, or "never"; `final` = the smoothed
 reward at the last step; `eval` = greedy success on held-out tasks at the end (summary.json);
 `KL`, `F(2)` = mean over steps of the logged mismatch KL and F(2) (`max F(2)` = worst step);
-`route` = mean routing disagreement (engine rows vs the learner's free top-k).
+`route` = mean routing disagreement (engine rows vs the learner's free top-k). With several seeds, a
+second table aggregates each variant: runs collapsed out of runs, and the means over seeds of
+`final`, `eval`, `KL` and `F(2)`.
 """
 
 from __future__ import annotations
@@ -90,6 +92,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per variant (in ORDER): seeds, collapsed runs, and means over its runs."""
+    rank = {v: i for i, v in enumerate(ORDER)}
+    out = []
+    for v in sorted({r["variant"] for r in rows}, key=lambda v: (rank.get(v, len(rank)), v)):
+        rs = [r for r in rows if r["variant"] == v]
+
+        def mean(key: str) -> float:
+            xs = [r[key] for r in rs if r[key] is not None and not np.isnan(r[key])]
+            return float(np.mean(xs)) if xs else float("nan")
+
+        out.append({"variant": v, "seeds": sorted(r["seed"] for r in rs), "collapsed": sum(r["collapsed"] for r in rs),
+                    "final": mean("final"), "eval": mean("eval"), "mismatch_kl": mean("mismatch_kl"), "f2": mean("f2")})
+    return out
+
+
+def aggregate_table(agg: list[dict]) -> str:
+    f = lambda x, p=3: "-" if isinstance(x, float) and np.isnan(x) else f"{x:.{p}g}"  # noqa: E731
+    head = "| variant | seeds | collapsed | final (mean) | eval (mean) | KL (mean) | F(2) (mean) |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for a in agg:
+        lines.append(f"| {a['variant']} | {len(a['seeds'])} | {a['collapsed']}/{len(a['seeds'])} | {f(a['final'])} | "
+                     f"{f(a['eval'])} | {f(a['mismatch_kl'], 2)} | {f(a['f2'], 2)} |")
+    return "\n".join(lines)
+
+
 def plot(runs: list[Path], path: Path, rule: CollapseRule = CollapseRule()) -> Path:
     import matplotlib
 
@@ -131,6 +159,9 @@ def report(study: Path, docs: Path, prefix: str = "r3_study", rule: CollapseRule
         raise SystemExit(f"no runs with metrics.jsonl under {study}")
     rows = [summarize_run(r, rule) for r in runs]
     text = table(rows)
+    agg = aggregate(rows)
+    if any(len(a["seeds"]) > 1 for a in agg):
+        text += "\n\nBy variant, over seeds:\n\n" + aggregate_table(agg)
     print(text)
     (study / "report.md").write_text(f"Collapse rule: {asdict(rule)} (agentrl/algo/collapse.py)\n\n{text}\n")
     (study / "report.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -144,3 +144,23 @@ def test_report_tables_and_plots_runs(tmp_path):
     assert "step 9 (reward+f2)" in md and "never" in md and "(unfinished)" in md
     assert json.loads((study / "report.json").read_text()) == json.loads(json.dumps(rows))
     assert (docs / "t_curves.png").stat().st_size > 0
+
+
+def test_report_aggregates_variants_over_seeds(tmp_path):
+    study, docs = tmp_path / "study", tmp_path / "docs"
+    falls = [0.5, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    holds = [0.5, 0.7, 0.8, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]
+    _fake_run(study, "grpo_s0", falls, [0.0] * 14, 0.1)
+    _fake_run(study, "grpo_s1", holds, [0.0] * 14, 0.7)
+    _fake_run(study, "grpo_r3_s0", holds, [0.0] * 14, 0.9)
+    rows = r3_study_report.report(study, docs, prefix="t", rule=RULE)
+    agg = {a["variant"]: a for a in r3_study_report.aggregate(rows)}
+    assert list(agg) == ["grpo", "grpo_r3"]  # the study's variant order
+    g = agg["grpo"]
+    assert g["seeds"] == [0, 1] and g["collapsed"] == 1 and agg["grpo_r3"]["collapsed"] == 0
+    by = {r["run"]: r for r in rows}
+    assert g["eval"] == pytest.approx((0.1 + 0.7) / 2)
+    assert g["final"] == pytest.approx((by["grpo_s0"]["final"] + by["grpo_s1"]["final"]) / 2)
+    assert g["mismatch_kl"] == pytest.approx((by["grpo_s0"]["mismatch_kl"] + by["grpo_s1"]["mismatch_kl"]) / 2)
+    md = (study / "report.md").read_text()
+    assert "By variant, over seeds" in md and "| grpo | 2 | 1/2 |" in md
