@@ -17,8 +17,8 @@ import asyncio
 import dataclasses
 import itertools
 import json
-import weakref
 import traceback
+import weakref
 from collections.abc import Callable, Sequence
 
 import numpy as np

@@ -1,10 +1,9 @@
 """The runtime's actors. RayEngine (the agent loop's view of an engine actor) on a real local Ray cluster: requests made
 together travel in one streaming call, each caller gets its own result as soon as it is ready, a bad
-request fails alone, and a killed engine actor is restarted with the unanswered requests sent again. The learner actor
-publishes numpy weights and leaves the newest on disk."""
+request fails alone, and requests in flight on a killed engine actor are answered by the restarted one. The
+learner actor publishes numpy weights and leaves the newest on disk."""
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
@@ -113,11 +112,9 @@ def test_requests_in_flight_survive_a_killed_engine_actor(cluster, ckpt, tmp_pat
         ray.kill(actor, no_restart=False)
         return await asyncio.wait_for(task, timeout=300)
 
-    t0 = time.perf_counter()
     outs = asyncio.run(go())
     assert ray.get(actor.pid.remote()) != pid  # a new process answered
     assert [o.completion_tokens for o in outs] == [n] * 4
-    assert time.perf_counter() - t0 < 300
     ray.get(actor.shutdown.remote())
 
 

@@ -12,7 +12,7 @@ from agentrl.engine.types import GenerateRequest, SamplingParams
 from agentrl.env import make
 from agentrl.model import load_pretrained
 from agentrl.model.checkpoint import init_model
-from agentrl.rollout import render_continuation, run_episode, run_episodes
+from agentrl.rollout import prompt_ids, render_continuation, run_episode, run_episodes
 from agentrl.routing import RoutingLayout
 from agentrl.trajectory import TrajectoryError
 
@@ -193,3 +193,21 @@ def test_episodes_aborted_by_a_weight_update_are_played_again(ckpt, tok):
     for t in trajs:
         t.validate(layout)
         assert set(t.versions[t.loss_mask].tolist()) == {1}  # replayed wholly on the new weights
+
+
+def test_prompt_ids_are_the_templated_prompt_for_every_messages_and_tools(tok):
+    """The memoized opening of an episode equals a fresh render + tokenization, per (messages, tools)."""
+    tools = [{"type": "function", "function": {"name": "calc", "description": "arithmetic",
+                                                "parameters": {"type": "object", "properties": {}}}}]
+
+    def fresh(messages, tools):
+        text = tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        return tuple(tok(text, add_special_tokens=False)["input_ids"])
+
+    cases = [([{"role": "user", "content": "What is 2 + 3?"}], None),
+             ([{"role": "user", "content": "What is 2 + 3?"}], tools),
+             ([{"role": "user", "content": "What is 2 + 4?"}], None)]
+    first = [prompt_ids(tok, m, t) for m, t in cases]
+    again = [prompt_ids(tok, m, t) for m, t in cases]  # served from the memo
+    assert first == again == [fresh(m, t) for m, t in cases]
+    assert len(set(first)) == 3  # tools and content each change the prompt

@@ -130,11 +130,12 @@ class RayEngine:
     returned together) travel in one `generate_stream` actor call and come back one by one as they
     finish: a Ray call costs ~0.6 ms of CPU, which at 64 requests per update was a sizeable share of
     a 2-core machine. If the engine actor dies mid-stream, Ray runs the stream again on the restarted
-    actor (`max_task_retries`); answers already delivered are not delivered twice. Should Ray give
-    up, the unanswered requests are sent again, up to `retries` times."""
+    actor (`max_task_retries=-1`, as it retried a plain call); an answer already delivered is not
+    delivered twice. Any error that reaches here fails the unanswered requests (their episodes end
+    as engine errors), never leaves them waiting."""
 
-    def __init__(self, actor, retries: int = 20) -> None:
-        self.actor, self.retries = actor, retries
+    def __init__(self, actor) -> None:
+        self.actor = actor
         self._queue: list[tuple[GenerateRequest, asyncio.Future]] = []
 
     async def generate(self, request: GenerateRequest) -> GenerateOutput:
@@ -150,33 +151,24 @@ class RayEngine:
         asyncio.ensure_future(self._stream(batch))
 
     async def _stream(self, batch: list[tuple[GenerateRequest, asyncio.Future]]) -> None:
-        left = dict(enumerate(batch))
-        for attempt in range(self.retries + 1):
-            order = list(left)
-            try:
-                async for ref in self.actor.generate_stream.options(num_returns="streaming").remote(
-                        [left[i][0] for i in order]):
-                    j, out = await ref
-                    item = left.pop(order[j], None)
-                    if item is None or item[1].done():
-                        continue
-                    if isinstance(out, Exception):
-                        item[1].set_exception(out)
-                    else:
-                        item[1].set_result(out)
-                return
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                if attempt == self.retries or not left:
-                    for _, fut in left.values():
-                        if not fut.done():
-                            fut.set_exception(e)
-                    return
-                await asyncio.sleep(min(0.1 * 2 ** attempt, 2.0))  # the actor is restarting
-            except Exception as e:  # anything else fails the unanswered requests, never hangs them
-                for _, fut in left.values():
-                    if not fut.done():
-                        fut.set_exception(e)
-                return
+        futs = [f for _, f in batch]
+        try:
+            async for ref in self.actor.generate_stream.options(num_returns="streaming").remote([r for r, _ in batch]):
+                i, out = await ref
+                if futs[i].done():  # a re-run stream repeats answers already given
+                    continue
+                if isinstance(out, Exception):
+                    futs[i].set_exception(out)
+                else:
+                    futs[i].set_result(out)
+        except Exception as e:
+            for f in futs:
+                if not f.done():
+                    f.set_exception(e)
+            return
+        for f in futs:  # a stream that ended without answering a request is an engine failure
+            if not f.done():
+                f.set_exception(RuntimeError("engine stream ended without an answer"))
 
 
 class RolloutWorkerImpl:
