@@ -9,8 +9,9 @@ Does not own: the KV/row storage (memory.py), the prefix tree (radix.py), the mo
 
 Policies
 - Memory: a request is admitted only when the pool (after evicting unlocked cached prefixes, LRU)
-  can hold its worst case (prompt + max_new_tokens - 1 fed tokens, minus its cached prefix), so a
-  running request never runs out of KV; others wait in FIFO order.
+  can hold its worst case (prompt + max_new_tokens - 1 fed tokens, minus its cached prefix), and
+  those slots are allocated then, in one run, so a running request never runs out of KV and its
+  KV stays close together; the ones it does not fill return at its end. Others wait in FIFO order.
 - Prefix cache: a request reuses the longest cached prefix of its prompt (never the last prompt
   token: its logits must be computed). On finish, its fed tokens are inserted into the tree; the
   KV, rows and versions of reused slots are the ones computed when the prefix was first fed.
@@ -72,11 +73,13 @@ class _Req:
         self.tokens = list(req.input_ids)
         self.prompt_len = len(self.tokens)
         self.slots: list[int] = []  # KV slots of fed tokens (one reference each held by this request)
-        self.slot_arr = np.zeros(self.prompt_len + max_new, dtype=np.int64)  # the same slots, for the forward
+        # the cached prefix's slots, then every slot the request may still fill, allocated at admission
+        # (one run from the free list: a request's KV stays close together, which the decode gather likes)
+        self.slot_arr = np.zeros(self.prompt_len + max_new, dtype=np.int64)
+        self.allocated = 0  # slot_arr[:allocated] holds a reference of this request
         self.prompt_cached = False  # its fed prompt is in the radix cache (see Engine._cache_prompt)
         self.node = None  # locked radix node of the cached prefix
         self.cached = 0
-        self.reserved = 0
         self.out_ids: list[int] = []
         self.out_lp: list[float] = []
         self.out_ver: list[int] = []
@@ -112,7 +115,6 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: list[_Req] = []
         self._running: list[_Req] = []
-        self._reserved = 0
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -292,18 +294,19 @@ class Engine:
         slots, node = self.tree.match(prefix)
         need = r.prompt_len + r.max_new - 1 - len(slots)
         self.tree.lock(node)
-        short = need - (self.pool.free - self._reserved)
+        short = need - self.pool.free
         if short > 0:
             released = self.tree.evict(short)
             self.counters["evicted_tokens"] += len(released)
             self.pool.unref(released)
-        if need > self.pool.free - self._reserved:
+        if need > self.pool.free:
             self.tree.unlock(node)
             return False
         self.pool.ref(slots)
-        r.slots, r.node, r.cached, r.reserved = list(slots), node, len(slots), need
+        r.slots, r.node, r.cached = list(slots), node, len(slots)
         r.slot_arr[: len(slots)] = slots
-        self._reserved += need
+        r.slot_arr[len(slots): len(slots) + need] = self.pool.alloc(need)
+        r.allocated = len(slots) + need
         self.counters["cached_tokens"] += len(slots)
         return True
 
@@ -360,11 +363,7 @@ class Engine:
                 n = min(n, budget)
                 budget -= n
             start = len(r.slots)
-            new = self.pool.alloc(n)
-            r.slots.extend(new)
-            r.slot_arr[start: start + n] = new
-            r.reserved -= n
-            self._reserved -= n
+            r.slots.extend(r.slot_arr[start: start + n].tolist())
             end_of_input = len(r.slots) == len(r.tokens)
             segs.append(Segment(r.tokens[start: start + n], start, r.slot_arr[: start + n], end_of_input))
             owners.append(r)
@@ -409,10 +408,8 @@ class Engine:
             self._finish(r, {"type": "length"})
 
     def _release(self, r: _Req) -> None:
-        """Give back the request's reservation, lock and slot references; cache its fed tokens if
-        they were all computed by the current weights."""
-        self._reserved -= r.reserved
-        r.reserved = 0
+        """Give back the request's lock, its slot references and the slots it was given but did not
+        fill; cache its fed tokens if they were all computed by the current weights."""
         if r.node is not None:
             self.tree.unlock(r.node)
             r.node = None
@@ -420,6 +417,8 @@ class Engine:
         if fed and r.finish and r.finish["type"] != "abort" and (self.pool.version[r.slots] == self.version).all():
             self.pool.ref(self.tree.insert(r.tokens[:fed], r.slots))
         self.pool.unref(r.slots)
+        self.pool.unref(r.slot_arr[fed: r.allocated])
+        r.allocated = fed
 
     def _finish(self, r: _Req, reason: dict) -> None:
         if r.fut.done():

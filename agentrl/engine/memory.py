@@ -57,7 +57,7 @@ class SlotPool:
         assert (self.refs[s] >= 0).all(), "slot refcount underflow"
         dead = np.unique(s[self.refs[s] == 0])
         self.version[dead] = -1
-        self._free.extend(dead.tolist())
+        self._free.extend(dead[::-1].tolist())  # popped in ascending order: runs of slots stay runs
 
     def write_rows(self, slots: torch.Tensor, rows: torch.Tensor | None, version: int) -> None:
         """Record, for slots just filled by a forward, their routing rows and policy version."""

@@ -95,8 +95,10 @@ class EngineActorImpl:
             except Exception as e:  # that request fails, not its batch
                 return i, e
 
-        for done in asyncio.as_completed([one(i, r) for i, r in enumerate(requests)]):
-            yield await done
+        pending = {asyncio.ensure_future(one(i, r)) for i, r in enumerate(requests)}
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            yield [t.result() for t in done]
 
     def update_weights(self, state: dict, version: int, in_flight: str = "continue") -> int:
         """Embedded engines take the state dict itself (a Ray object of numpy arrays or tensors: no disk
@@ -154,13 +156,13 @@ class RayEngine:
         futs = [f for _, f in batch]
         try:
             async for ref in self.actor.generate_stream.options(num_returns="streaming").remote([r for r, _ in batch]):
-                i, out = await ref
-                if futs[i].done():  # a re-run stream repeats answers already given
-                    continue
-                if isinstance(out, Exception):
-                    futs[i].set_exception(out)
-                else:
-                    futs[i].set_result(out)
+                for i, out in await ref:
+                    if futs[i].done():  # a re-run stream repeats answers already given
+                        continue
+                    if isinstance(out, Exception):
+                        futs[i].set_exception(out)
+                    else:
+                        futs[i].set_result(out)
         except Exception as e:
             for f in futs:
                 if not f.done():
