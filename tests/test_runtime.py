@@ -175,3 +175,52 @@ def test_joins_a_cluster_started_with_ray_start(tmp_path):
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("policy", ["drop", "wait"])
+def test_groups_that_grow_stale_in_the_buffer_are_dropped_or_generated_again(tmp_path, monkeypatch, policy):
+    """Two timings injected on the driver make the batch-time staleness check decide:
+    - the engines load each version one publish late (a slow weight load), so rollouts run on the
+      weights of version n - 1 while the driver is at n: admitted with staleness 1 (= max_staleness);
+    - the learner finishes after the rollouts in flight (a slow learner): those groups are admitted
+      before the update ends, and are one version older (staleness 2) when the next batch is formed.
+    The check must keep them out (drop: counted; wait: generated again, counted): no update trains on
+    a trajectory older than max_staleness, and no group is trained twice. Without the batch-time
+    check this test trains staleness-2 samples."""
+    import agentrl.runtime.train as train_mod
+
+    held: list = []
+
+    def lagging_publish(learner, engines, recipe, wait=True):
+        state_ref, version_ref, _ = learner.publish.options(num_returns=3).remote(background=True)
+        version = ray.get(version_ref)
+        late = held[-1] if held else None  # the engines get the previous version now, this one next time
+        held.append((state_ref, version))
+        pending = [e.update_weights.remote(*late, recipe.runtime.in_flight) for e in engines] if late else []
+        return version, pending
+
+    real_wait = ray.wait
+
+    def learner_after_rollouts(refs, num_returns=1, **kw):
+        ready, rest = real_wait(refs, num_returns=num_returns, **kw)
+        if len(refs) > 1 and refs[-1] in ready and rest:  # the update (listed last) ended first: let the
+            more, _ = real_wait(rest, num_returns=len(rest), timeout=60)  # rollouts in flight land before it
+            done = set(ready) | set(more)
+            ready = [r for r in refs if r in done]  # in list order: rollouts first, the update last
+        return ready, [r for r in refs if r not in ready]
+
+    monkeypatch.setattr(train_mod, "publish", lagging_publish)
+    monkeypatch.setattr(train_mod.ray, "wait", learner_after_rollouts)
+    recipe = load_recipe(recipe_file(
+        tmp_path, f"stale-{policy}", warmup=None, eval=None,
+        runtime={"steps": 5, "checkpoint_every": 0, "eval_every": 0, "max_staleness": 1, "stale_policy": policy}))
+    summary = train(recipe)
+    rows = [r for r in read_metrics(tmp_path / "runs" / f"stale-{policy}" / "metrics.jsonl") if "reward_mean" in r]
+    assert [r["step"] for r in rows] == list(range(1, 6))
+    assert max(r["staleness_max"] for r in rows) <= 1  # never trained beyond max_staleness
+    groups = summary["trained_groups"]
+    assert len(groups) == len(set(groups)) == 5 * 2
+    if policy == "drop":
+        assert summary["dropped_stale"] > 0 and summary["regenerated_stale"] == 0
+    else:
+        assert summary["regenerated_stale"] > 0 and summary["dropped_stale"] == 0
