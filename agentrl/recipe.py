@@ -197,6 +197,9 @@ _LEARNER_DOCS: dict[str, str] = {
                     "mini-step setting)",
     "fuse_old_pass": "with one optimizer step on one micro-batch, take the old-policy log-probs from the "
                      "training forward (detached) instead of a separate no-grad pass: same result, one forward less",
+    "skip_zero_advantage": "with fuse_old_pass: samples whose advantage is exactly 0 (all rewards of the group "
+                           "equal) get a forward without autograd and no backward when no entropy, aux or KL "
+                           "term is on (they take no gradient): same update and metrics, less compute",
     "micro_batch_tokens": "tokens per forward pass; gradients accumulate over micro-batches",
     "layout": "packed: sequences concatenated in rows (agentrl's model); padded: one sequence per row",
     "pack_row_tokens": "packed row width in tokens; null = the longest sequence (times share_prefix_row_factor "

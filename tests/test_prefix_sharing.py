@@ -186,7 +186,8 @@ def learner64(model, **kw):
 
 @pytest.mark.parametrize("kw", [dict(replay="R3", correction="tis"),
                                 dict(replay="R2", mini_batches=2, micro_batch_tokens=90, entropy_coef=0.01),
-                                dict(replay="off", loss="gspo", fuse_old_pass=False)])
+                                dict(replay="off", loss="gspo", fuse_old_pass=False),
+                                dict(replay="R3", aux_loss_coef=0.1)])
 def test_train_step_with_and_without_sharing_agree(kw):
     model, trajs = MoEForCausalLM(CFG).init_weights(0), trajectories()
     on, off = learner64(model, share_prefix=True, **kw), learner64(model, share_prefix=False, **kw)
@@ -195,7 +196,7 @@ def test_train_step_with_and_without_sharing_agree(kw):
     # them where the whole batch is one micro-batch; the rest are whole-batch or per-optimizer-step
     split = "micro_batch_tokens" in kw
     for k in ("mismatch_kl", "extreme_frac_2", "routing_disagree_any", "grad_norm") + (
-            () if split else ("loss", "pg_loss", "entropy", "pg_clip_frac")):
+            () if split else ("loss", "pg_loss", "entropy", "pg_clip_frac")) + (("aux_loss",) if "aux_loss_coef" in kw else ()):
         assert m_on[k] == pytest.approx(m_off[k], rel=1e-6, abs=1e-7), k
     assert m_on["batch_tokens"] == m_off["batch_tokens"] == m_off["computed_tokens"] == sum(len(t) for t in trajs)
     assert m_on["computed_tokens"] < m_on["batch_tokens"]
@@ -207,6 +208,48 @@ def test_train_step_with_and_without_sharing_agree(kw):
         scale = max(p.grad.abs().max().item(), 1e-12)
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5 * scale, msg=n)
         torch.testing.assert_close(p, q, rtol=0, atol=1e-2 * on.cfg.lr, msg=n)
+
+
+def test_token_weights_count_what_each_position_stands_for():
+    trajs = trajectories()
+    shared = build_batch(trajs, LAYOUT, "packed", max_tokens=64, share_prefix=True)
+    packed = build_batch(trajs, LAYOUT, "packed", max_tokens=64)
+    padded = build_batch(trajs, LAYOUT, "padded")
+    for b in (shared, packed, padded):  # every token of every sequence counted once, padding never
+        assert b.token_weights.sum() == sum(len(t) for t in trajs)
+    assert (packed.token_weights == (packed.segment_ids >= 0).float()).all()
+    assert (padded.token_weights == padded.attention_mask.float()).all()
+    # a shared prefix's positions (segment ids >= n) stand for every member whose suffix attends to it
+    w, seg, parent = shared.token_weights, shared.segment_ids, shared.parent_ids
+    prefixes = 0
+    for r in range(w.shape[0]):
+        for p in [x for x in seg[r].unique().tolist() if x >= len(trajs)]:
+            members = len(seg[r][parent[r] == p].unique())
+            assert members >= 2 and (w[r][seg[r] == p] == members).all()
+            prefixes += 1
+    assert prefixes >= 3 and packed.token_weights.min() == 0  # groups a, b, c share; packing pads
+
+
+@pytest.mark.parametrize("replay", ["off", "R3"])
+def test_load_balancing_loss_is_the_same_in_every_layout(replay):
+    """The switch aux loss averages over the batch's tokens: padding must not count and a shared
+    prefix must count once per member, so shared, packed and padded batches give the same loss and
+    the same gradients (float64)."""
+    model, trajs = MoEForCausalLM(CFG).init_weights(0), trajectories()
+    layouts = {"shared": dict(share_prefix=True, pack_row_tokens=64), "packed": dict(share_prefix=False, pack_row_tokens=64),
+               "padded": dict(layout="padded")}
+    out = {}
+    for name, lkw in layouts.items():
+        lrn = learner64(model, replay=replay, aux_loss_coef=1.0, **lkw)
+        out[name] = (lrn.train_step(trajs), {n: p.grad.clone() for n, p in lrn.model.named_parameters()})
+    ref_m, ref_g = out["padded"]
+    assert ref_m["aux_loss"] > 0
+    for name in ("shared", "packed"):
+        m, g = out[name]
+        assert m["aux_loss"] == pytest.approx(ref_m["aux_loss"], rel=1e-9), name
+        for n, grad in g.items():
+            if ".gate." in n:  # the aux loss reaches only the routers; their gradients must agree too
+                torch.testing.assert_close(grad, ref_g[n], rtol=1e-5, atol=1e-5 * ref_g[n].abs().max().item(), msg=n)
 
 
 def test_real_engine_rows_share_only_where_they_agree(tmp_path):
@@ -252,3 +295,30 @@ def test_megatron_learner_never_shares_and_matches_the_sharing_torch_learner():
     assert mm["computed_tokens"] == mm["batch_tokens"] > mt["computed_tokens"]
     for k in ("loss", "pg_loss", "entropy", "mismatch_kl", "routing_disagree_any"):
         assert mm[k] == pytest.approx(mt[k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("kw", [dict(replay="R3", correction="tis"), dict(replay="off", share_prefix=False),
+                                dict(replay="R2", loss="gspo")])
+def test_zero_advantage_samples_skip_the_backward_and_change_nothing(kw):
+    """Groups whose rewards are all equal have advantage exactly 0: their samples run a forward without
+    autograd (their log-probs and rows still feed the metrics) and no backward; the update and every
+    metric are those of the full backward (float64 model)."""
+    model, trajs = MoEForCausalLM(CFG).init_weights(0), trajectories()
+    rewards = {"a": [1, 1, 1, 1], "b": [0, 1, 0], "c": [0, 0, 0], "d": [1], "e": [1, 0], "": [0, 0]}
+    seen: dict[str, int] = {}
+    for t in trajs:
+        t.reward = float(rewards[t.group_id][seen.get(t.group_id, 0)])
+        seen[t.group_id] = seen.get(t.group_id, 0) + 1
+    skip, full = learner64(model, **kw), learner64(model, skip_zero_advantage=False, **kw)
+    m_skip, m_full = skip.train_step(trajs), full.train_step(trajs)
+    assert m_skip["skipped_backward"] == 4 + 3 + 1 + 2  # groups a, c, the singleton d, the ungrouped pair
+    assert "skipped_backward" not in m_full
+    for k, v in m_full.items():
+        if k not in ("learner_time_s", "computed_tokens"):
+            assert m_skip[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    for (n, p), q in zip(skip.model.named_parameters(), full.model.named_parameters()):
+        scale = max(q[1].grad.abs().max().item(), 1e-12)
+        torch.testing.assert_close(p.grad, q[1].grad, rtol=1e-5, atol=1e-6 * scale, msg=n)
+        torch.testing.assert_close(p, q[1], rtol=0, atol=1e-2 * skip.cfg.lr, msg=n)
+    # a term that reaches every token (entropy bonus) keeps every sample in the backward
+    assert "skipped_backward" not in learner64(model, entropy_coef=0.01, **kw).train_step(trajs)

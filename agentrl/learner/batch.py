@@ -77,6 +77,14 @@ class ModelBatch:
         return int(sum(self.seq_lens))
 
     @property
+    def token_weights(self) -> torch.Tensor:
+        """[R, S] float32: how many sequence tokens each position stands for: 1 for a plain token, 0 for
+        padding, the number of members for a shared prefix's token. Batch-level averages over tokens (the
+        load-balancing loss) weighted by it are those of every sequence run separately, whatever the layout."""
+        idx = self.flat_index[self.flat_index >= 0]
+        return torch.bincount(idx, minlength=self.input_ids.numel()).view(self.input_ids.shape).float()
+
+    @property
     def computed_tokens(self) -> int:
         """Real tokens the forward computes (no padding): num_tokens less what shared prefixes save."""
         if self.segment_ids is not None:

@@ -18,7 +18,9 @@ The update, in order (each line is plain code in `train_step`):
      `micro_batch_tokens` tokens; the policy loss is PPO-clip or GSPO, plus optional KL to a
      reference, entropy bonus and MoE load-balancing loss (on the replayed assignment).
 Every forward of the packed layout computes a GRPO group's shared prompt once (`share_prefix`,
-batch.py): same log-probs and gradients, fewer tokens (`computed_tokens` in the metrics).
+batch.py): same log-probs and gradients, fewer tokens (`computed_tokens` in the metrics). With the
+fused old pass, samples whose advantage is exactly 0 (a group with equal rewards) run their forward
+without autograd and skip the backward (`skip_zero_advantage`): they take no gradient anyway.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from agentrl.algo import advantages as A
 from agentrl.algo import losses as L
@@ -59,6 +62,9 @@ class LearnerConfig:
     mini_batches: int = 1  # optimizer steps per rollout batch
     fuse_old_pass: bool = True  # one optimizer step on one micro-batch: the old-policy logprobs are the training
     # forward's own (detached), so the separate no-grad pass is skipped (identical result, one forward less)
+    skip_zero_advantage: bool = True  # with fuse_old_pass: samples whose advantage is exactly 0 (a group whose
+    # rewards are all equal) take no gradient when no entropy / aux / KL term is on; they run a forward without
+    # autograd (for their log-probs and routing metrics) and no backward (identical update and metrics)
     micro_batch_tokens: int = 8192  # tokens per forward (gradient accumulation above that)
     layout: Literal["packed", "padded"] = "packed"
     pack_row_tokens: int | None = None  # packed row width; None = the longest sequence (bounds O(width^2) attention),
@@ -85,6 +91,15 @@ class LearnerConfig:
     publish: Literal["policy", "ema"] = "policy"  # which weights go to the engines
     device: str = "cpu"  # where the model trains ("cuda", "cuda:1"); batches, losses and metrics stay on the host
     seed: int = 0
+
+
+def _rows_into(n: int, width: int, *parts: tuple[list[int], torch.Tensor]) -> torch.Tensor:
+    """[n, width] float32 with each part's rows (sequence indices, [k, w <= width]) at their indices;
+    differentiable in every part that carries a gradient."""
+    out = torch.zeros(n, width)
+    for idx, t in parts:
+        out = out.index_put((torch.tensor(idx, dtype=torch.long),), F.pad(t.float(), (0, width - t.shape[1])))
+    return out
 
 
 def _lr_lambda(cfg: LearnerConfig):
@@ -158,7 +173,7 @@ class TorchLearner:
             if batch.logits_index is not None:
                 kw["logits_index"] = batch.logits_index
             if aux:
-                kw["return_aux_loss"] = True
+                kw.update(return_aux_loss=True, token_weights=batch.token_weights)
         elif batch.segment_ids is not None:
             raise ValueError("the packed layout needs agentrl's model; use layout='padded' for transformers models")
         dev = torch.device(self.cfg.device)
@@ -254,10 +269,26 @@ class TorchLearner:
                     logp_ref[i, : lens[i]] = lp_ref[j, : lens[i]]
 
         if fused:  # the training forward (R2: recording is free routing, which replaying it reproduces)
-            batch = make(everything, with_routing=cfg.replay == "R3")
-            lp, ent, aux = self._forward(batch, old_mode, aux=cfg.aux_loss_coef > 0)
-            take_old(everything, batch, lp.detach())
-            fused_out = (batch, lp, ent, aux)
+            idle = self._idle(adv_seq)
+            active = [i for i in everything if i not in idle]
+            if not idle or not active:
+                batch = make(everything, with_routing=cfg.replay == "R3")
+                lp, ent, aux = self._forward(batch, old_mode, aux=cfg.aux_loss_coef > 0)
+                take_old(everything, batch, lp.detach())
+                fused_out = (batch, lp, ent, aux, batch.computed_tokens)
+            else:  # zero-gradient samples: log-probs, entropy and rows from a forward without autograd
+                batch = make(active, with_routing=cfg.replay == "R3")
+                lp_a, ent_a, _ = self._forward(batch, old_mode)
+                take_old(active, batch, lp_a.detach())
+                with torch.no_grad():
+                    idle_batch = make(sorted(idle), with_routing=cfg.replay == "R3")
+                    lp_i, ent_i, _ = self._forward(idle_batch, old_mode)
+                    take_old(sorted(idle), idle_batch, lp_i)
+                width = max(lens)
+                lp = _rows_into(n, width, (active, lp_a), (sorted(idle), lp_i))
+                ent = _rows_into(n, width, (active, ent_a), (sorted(idle), ent_i))
+                m["skipped_backward"] = float(len(idle))
+                fused_out = (batch, lp, ent, None, batch.computed_tokens + idle_batch.computed_tokens)
         else:
             with torch.no_grad():
                 for mb in parts(everything):
@@ -292,11 +323,12 @@ class TorchLearner:
             mini_tokens = max(1, int(train_mask[mini].sum()))
             for mb in ([everything] if fused else parts(mini)):
                 if fused:
-                    batch, lp, ent, aux = fused_out
+                    batch, lp, ent, aux, tokens = fused_out
                 else:
                     batch = make(mb, with_routing=cfg.replay != "off")
                     lp, ent, aux = self._forward(batch, rows_mode, aux=cfg.aux_loss_coef > 0)
-                computed += batch.computed_tokens
+                    tokens = batch.computed_tokens
+                computed += tokens
                 w_share = (int(train_mask[mb].sum()) / mini_tokens if cfg.agg == "token-mean" and cfg.loss == "ppo"
                            else 1.0 if cfg.agg == "token-sum-norm" and cfg.loss == "ppo" else len(mb) / len(mini))
                 w = lp.shape[1]  # this micro-batch's longest sequence; the batch tensors are wider
@@ -328,6 +360,15 @@ class TorchLearner:
         """Shared-prefix rows need agentrl's model (its `parent_ids` mask) and the packed layout; a
         subclass with another forward (the megatron-core learner) never gets them."""
         return self.cfg.share_prefix and self.cfg.layout == "packed" and isinstance(self.model, MoEForCausalLM)
+
+    def _idle(self, adv_seq: torch.Tensor) -> set[int]:
+        """Samples whose gradient is exactly zero: advantage exactly 0 under a loss with no term that
+        reaches every token (entropy bonus, load-balancing loss, KL to the reference)."""
+        cfg = self.cfg
+        if (not cfg.skip_zero_advantage or cfg.entropy_coef or cfg.aux_loss_coef
+                or (cfg.kl_coef and self.ref_model is not None)):
+            return set()
+        return set(torch.nonzero(adv_seq == 0).flatten().tolist())
 
     def _advantages(self, rewards, group_ids, mask) -> torch.Tensor:
         a = self.cfg.advantage

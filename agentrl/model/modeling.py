@@ -279,13 +279,16 @@ class MoEForCausalLM(nn.Module):
         return_aux_loss: bool = False,
         logits_index: torch.Tensor | None = None,
         parent_ids: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, S]; attention_mask [B, S] (1 = real); segment_ids [B, S] (packing);
         routing [B, S, moe_layers, k] replay rows, routing_mask [B, S] (True = replay this token);
         logits_index [K] int64 positions in the flattened [B*S] whose logits are wanted: then logits
         are [K, V] (the LM head, the largest matmul of a small model, runs on those tokens only);
         parent_ids [B, S] (with segment_ids and explicit position_ids): each token may also attend to
-        its parent segment, so a prefix shared by several packed sequences is computed once."""
+        its parent segment, so a prefix shared by several packed sequences is computed once;
+        token_weights [B, S] (with return_aux_loss): how many sequence tokens each position stands for
+        in the load-balancing loss (0 = padding, >1 = a shared prefix); default attention_mask, or 1."""
         hook = self.routing_replay
         if routing is not None:
             if hook is None:
@@ -293,14 +296,14 @@ class MoEForCausalLM(nn.Module):
             with hook.replay(routing, routing_mask):
                 hook.expect_tokens(input_ids.numel())
                 return self._forward(input_ids, attention_mask, position_ids, segment_ids, return_aux_loss,
-                                     logits_index, parent_ids)
+                                     logits_index, parent_ids, token_weights)
         if hook is not None:
             hook.expect_tokens(input_ids.numel())
         return self._forward(input_ids, attention_mask, position_ids, segment_ids, return_aux_loss, logits_index,
-                             parent_ids)
+                             parent_ids, token_weights)
 
     def _forward(self, input_ids, attention_mask, position_ids, segment_ids, return_aux_loss,
-                 logits_index=None, parent_ids=None) -> CausalLMOutput:
+                 logits_index=None, parent_ids=None, token_weights=None) -> CausalLMOutput:
         cfg = self.config
         if parent_ids is not None and (segment_ids is None or position_ids is None):
             raise ValueError("parent_ids needs segment_ids and explicit position_ids")
@@ -319,7 +322,8 @@ class MoEForCausalLM(nn.Module):
         logits = self.lm_head(self.model.norm(x))
         aux = None
         if return_aux_loss and hook is not None:
-            aux = hook.aux_loss(None if attention_mask is None else attention_mask.reshape(-1))
+            weights = token_weights if token_weights is not None else attention_mask
+            aux = hook.aux_loss(None if weights is None else weights.reshape(-1))
             hook.keep_probs = False
             hook.probs = [None] * len(hook.probs)
         return CausalLMOutput(logits=logits, aux_loss=aux)

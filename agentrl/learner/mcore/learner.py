@@ -71,6 +71,6 @@ class MegatronLearner(TorchLearner):
             routing = contextlib.nullcontext()
         with ctx, routing:
             out = self.model(batch.input_ids, attention_mask=batch.attention_mask, segment_ids=batch.segment_ids,
-                             return_aux_loss=aux)
+                             return_aux_loss=aux, token_weights=batch.token_weights if aux else None)
         logp, ent = target_logprobs(out.logits, batch)
         return logp, ent, out.aux_loss

@@ -239,10 +239,11 @@ class McoreCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, return_aux_loss: bool = False,
-                stage_input: torch.Tensor | None = None) -> CausalLMOutput:
+                stage_input: torch.Tensor | None = None, token_weights: torch.Tensor | None = None) -> CausalLMOutput:
         """input_ids [B, S]; attention_mask [B, S] (1 = real, right padding); segment_ids [B, S] (packing).
         Pipeline stages after the first take the previous stage's output `stage_input` [S, B, H]; stages
-        before the last return their hidden states [S, B, H] in `logits`."""
+        before the last return their hidden states [S, B, H] in `logits`. token_weights [B, S]: each
+        position's weight in the load-balancing loss (0 = padding); default attention_mask, or 1."""
         b, s = input_ids.shape
         if stage_input is not None:
             self.gpt.set_input_tensor(stage_input.to(next(self.gpt.parameters()).device))
@@ -257,6 +258,7 @@ class McoreCausalLM(nn.Module):
         logits = self.gpt(input_ids.to(dev), positions, mask)  # [B, S, V]
         aux = None
         if return_aux_loss and hook is not None:
-            aux = hook.aux_loss(None if attention_mask is None else attention_mask.reshape(-1).to(dev))
+            weights = token_weights if token_weights is not None else attention_mask
+            aux = hook.aux_loss(None if weights is None else weights.reshape(-1).to(dev))
             aux = aux.to(input_ids.device)
         return CausalLMOutput(logits=logits.to(input_ids.device), aux_loss=aux)
