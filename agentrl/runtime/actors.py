@@ -86,9 +86,10 @@ class EngineActorImpl:
         return await self.engine.generate(request)
 
     async def generate_stream(self, requests: list[GenerateRequest]):
-        """Many requests in one actor call (a Ray streaming generator): yields (index, output) as each
-        request finishes, or (index, exception) for a request that failed. One call per batch instead
-        of one per request, without making a batch wait for its slowest request."""
+        """Many requests in one actor call (a Ray streaming generator): yields, each time requests
+        finish, the list of their (index, output), or (index, exception) for a request that failed.
+        One call per batch instead of one per request, without making a batch wait for its slowest
+        request; requests that finish in the same engine step (a GRPO group) travel as one item."""
         async def one(i: int, r: GenerateRequest):
             try:
                 return i, await self.engine.generate(r)
@@ -129,8 +130,8 @@ class RayEngine:
     """InferenceEngine over an EngineActor handle (what the agent loop sees inside a worker).
 
     Requests made in the same event-loop iteration (a GRPO group starting, episodes whose tool calls
-    returned together) travel in one `generate_stream` actor call and come back one by one as they
-    finish: a Ray call costs ~0.6 ms of CPU, which at 64 requests per update was a sizeable share of
+    returned together) travel in one `generate_stream` actor call and come back as they finish (those
+    finishing together in one stream item): a Ray call costs ~0.6 ms of CPU, which at 64 requests per update was a sizeable share of
     a 2-core machine. If the engine actor dies mid-stream, Ray runs the stream again on the restarted
     actor (`max_task_retries=-1`, as it retried a plain call); an answer already delivered is not
     delivered twice. Any error that reaches here fails the unanswered requests (their episodes end
