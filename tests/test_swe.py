@@ -255,3 +255,58 @@ def test_eval_recipe_gold_100_noop_0(tmp_path):
     assert len(patches) == 8 and {p.read_text() for p in patches} == {i.patch for i in INSTANCES[:4]}
     assert all("passed" in p.read_text() for p in out.glob("gold/*/test_log.txt"))
     assert all(p.read_text() == "" for p in out.glob("noop/*/patch.diff"))
+
+
+def _hack(ws: Path, inst: SWEInstance, kind: str) -> None:
+    """What a policy can write into the workspace to pass the tests without fixing anything."""
+    fake = "".join(f"PASSED {t}\n" for t in [*inst.FAIL_TO_PASS, *inst.PASS_TO_PASS])
+    if kind == "pytest.py":  # shadows pytest under `python -m pytest`: prints a passing summary, exits 0
+        (ws / "pytest.py").write_text(f"import sys\nprint({fake!r})\nsys.exit(0)\n")
+    elif kind == "conftest.py":  # a hook that turns every report into a pass, at the root and beside the tests
+        hook = ("import pytest\n\n@pytest.hookimpl(hookwrapper=True)\ndef pytest_runtest_makereport(item, call):\n"
+                "    out = yield\n    out.get_result().outcome = 'passed'\n")
+        for d in {ws, *((ws / f).parent for f in inst.test_files())}:
+            (d / "conftest.py").write_text(hook)
+    elif kind == "printed summary":  # every function of the package prints PASSED lines when called: a
+        # passing test's captured output (shown by -rA) then precedes pytest's own summary
+        pkg = next(p for p in ws.iterdir() if p.is_dir() and (p / "__init__.py").exists() and p.name != "tests")
+        wrap = (f"\nimport functools as _ft\n_FAKE = {fake!r}\n"
+                "def _loud(f):\n    @_ft.wraps(f)\n    def g(*a, **k):\n        print(_FAKE)\n        return f(*a, **k)\n"
+                "    return g\n"
+                "for _n, _v in list(globals().items()):\n"
+                "    if callable(_v) and getattr(_v, '__module__', None) == __name__ and not isinstance(_v, type):\n"
+                "        globals()[_n] = _loud(_v)\n")
+        for f in pkg.rglob("*.py"):
+            f.write_text(f.read_text() + wrap)
+
+
+@pytest.mark.parametrize("kind", ["pytest.py", "conftest.py", "printed summary"])
+def test_grading_resists_reward_hacks(kind):
+    """A workspace left unfixed but hacked is graded unresolved (F2P failing), and each hack does fool a
+    plain `python -m pytest -rA` grader; the gold patch still resolves with the hack in place."""
+    import re
+
+    from envs.swe.workspace import _STATUS
+
+    inst = INSTANCES[0]
+    ws = make_workspace(resolve_repo(inst.repo, DATA_DIR / "repos"), inst.base_commit)
+    try:
+        sandbox = Sandbox(ws, timeout=120)
+        _hack(ws, inst, kind)
+        # a plain grader (pytest -rA on the workspace as it is, its summary lines parsed) is fooled
+        tests = [*inst.FAIL_TO_PASS, *inst.PASS_TO_PASS]
+        assert sandbox.run(f"git apply <<'EOF'\n{inst.test_patch}EOF").ok  # grading resets it again
+        plain = sandbox.run("python -m pytest -rA -p no:cacheprovider -q " + " ".join(tests), timeout=120)
+        seen: dict[str, str] = {}
+        for status, test_id in _STATUS.findall(plain.stdout):
+            seen.setdefault(test_id, status)
+        assert all(seen.get(t) == "PASSED" for t in tests), f"the {kind} hack should fool a plain grader"
+        res = grade(sandbox, inst, timeout=120)
+        assert not res.resolved and res.f2p_passed == 0, res.log[-2000:]
+        assert res.p2p_passed == res.p2p_total  # the unhacked tests still run and pass
+        assert sandbox.run(f"git apply <<'EOF'\n{inst.patch}EOF").ok
+        _hack(ws, inst, kind)
+        assert grade(sandbox, inst, timeout=120).resolved
+        assert re.search(r"AGENTRL-GRADE-[0-9a-f]{32}:", res.log)
+    finally:
+        subprocess.run(["rm", "-rf", str(ws)])

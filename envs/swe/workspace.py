@@ -5,6 +5,15 @@ bundle, holding that one commit only: a depth-1 fetch, so no other commit of the
 later fix, is reachable from the workspace), ``workspace_diff`` and ``grade`` (SWE-bench's evaluation:
 the test patch's files are reset to the base commit, the test patch is applied, FAIL_TO_PASS and
 PASS_TO_PASS run with pytest; RESOLVED_FULL = every F2P test and every P2P test passes).
+
+Grading is hardened against the reward hacks an RL policy finds first (each is tested): test
+infrastructure (every ``conftest.py``, ``pytest.ini``, ``tox.ini``, ``setup.cfg``, ``pyproject.toml``)
+is reset to the base commit and conftest files the model added are removed, as the test files are;
+pytest is imported from the interpreter's own site-packages before the workspace joins ``sys.path``
+(``python -P``), so a ``pytest.py`` in the workspace cannot stand in for it; and each test's outcome
+comes from a report hook of the grading runner, printed after a marker that is random per grading
+run, not from pytest's console output, which the model's code can print into. Code the tests import
+runs in the same process as pytest, so a deliberate attack on pytest's internals is not excluded.
 Does not own: the confinement (agentrl.sandbox) or the instance format (envs.swe.instances).
 
 Once a model has acted in a workspace, git runs there only inside the sandbox: the model could have
@@ -15,8 +24,10 @@ from __future__ import annotations
 
 import atexit
 import base64
+import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -30,9 +41,35 @@ from envs.swe.instances import SWEInstance
 
 __all__ = ["make_workspace", "workspace_diff", "grade", "GradeResult", "TEST_CMD"]
 
+_RUNNER = r"""# agentrl grade runner
+import json, os, sys
+import pytest  # the interpreter's own: `python -P` keeps the workspace off sys.path until now
+sys.path.insert(0, os.getcwd())  # then the workspace, as `python -m pytest` would have it
+status = {}
+class Outcomes:
+    def pytest_runtest_logreport(self, report):
+        xfail = hasattr(report, "wasxfail")
+        if report.when == "call":
+            kind = {"passed": "XPASS" if xfail else "PASSED", "failed": "FAILED",
+                    "skipped": "XFAIL" if xfail else "SKIPPED"}[report.outcome]
+        elif report.failed:
+            kind = "ERROR"
+        elif report.skipped:
+            kind = "XFAIL" if xfail else "SKIPPED"
+        else:
+            return
+        status.setdefault(report.nodeid, kind)
+code = pytest.main(sys.argv[1:], plugins=[Outcomes()])
+print("\n" + os.environ["AGENTRL_GRADE_MARK"] + json.dumps(status), flush=True)
+sys.exit(code)
+"""
 # Plugins installed beside the interpreter are not loaded (the hypothesis plugin alone costs ~1 s per
 # run); instances whose tests need a plugin pass a test_cmd with `-p plugin` or without the variable.
-TEST_CMD = "PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python -m pytest -rA -p no:cacheprovider --tb=short -q"
+# A test_cmd without the runner (a plain `python -m pytest ...`) is graded from pytest's `-rA` summary
+# lines instead, and loses the protection against the model printing them.
+TEST_CMD = ("PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python -P -c " + shlex.quote(_RUNNER)
+            + " -rA -p no:cacheprovider --tb=short -q")
+_INFRA = ("pytest.ini", "tox.ini", "setup.cfg", "pyproject.toml")
 _GIT_ENV = {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}
 _caches: dict[str, Path] = {}
 _cache_lock = threading.Lock()
@@ -118,22 +155,35 @@ def grade(sandbox: Sandbox, inst: SWEInstance, timeout: float = 300.0, test_cmd:
     files = " ".join(shlex.quote(f) for f in inst.test_files())
     patch = base64.b64encode(inst.test_patch.encode()).decode()
     tests = " ".join(shlex.quote(t) for t in [*inst.FAIL_TO_PASS, *inst.PASS_TO_PASS])
+    mark = f"AGENTRL-GRADE-{secrets.token_hex(16)}:"
+    infra = " ".join(_INFRA)
     script = "\n".join([
         f"echo {patch} | base64 -d > /tmp/test.patch",
         f"existing=$(git ls-tree -r --name-only {base} -- {files})" if files else "existing=",
         f'[ -z "$existing" ] || git checkout -q {base} -- $existing',
         f"for f in {files}; do git cat-file -e {base}:\"$f\" 2>/dev/null || rm -f \"$f\"; done"
         if files else "true",
+        # test infrastructure as in the base commit: its conftest files (and no others) and config files
+        f"find . -name conftest.py -not -path './.git/*' | while read -r f; do rm -f \"$f\"; done",
+        f"for f in $(git ls-tree -r --name-only {base} | grep -E '(^|/)conftest\\.py$'); do "
+        f"git checkout -q {base} -- \"$f\"; done",
+        f"for f in {infra}; do if git cat-file -e {base}:\"$f\" 2>/dev/null; then git checkout -q {base} -- \"$f\"; "
+        f"else rm -f \"$f\"; fi; done",
         "git apply /tmp/test.patch || { echo '>>> the test patch does not apply'; exit 3; }",
-        f"{test_cmd} {tests}",
+        f"AGENTRL_GRADE_MARK={mark} {test_cmd} {tests}",
     ])
     res = sandbox.run(script, timeout=timeout)
     log = res.stdout + (f"\n--- stderr ---\n{res.stderr}" if res.stderr else "")
     if res.describe():
         log += f"\n>>> {res.describe()}"
     status: dict[str, str] = {}
-    for kind, test_id in _STATUS.findall(res.stdout):
-        status.setdefault(test_id, kind)
+    if "# agentrl grade runner" in test_cmd:  # the runner's report, and nothing else (none: nothing passed)
+        lines = [ln for ln in res.stdout.splitlines() if ln.startswith(mark)]
+        if lines:
+            status = json.loads(lines[-1][len(mark):])
+    else:
+        for kind, test_id in _STATUS.findall(res.stdout):
+            status.setdefault(test_id, kind)
     f2p = sum(status.get(t) in _PASSING for t in inst.FAIL_TO_PASS)
     p2p = sum(status.get(t) in _PASSING for t in inst.PASS_TO_PASS)
     resolved = f2p == len(inst.FAIL_TO_PASS) and p2p == len(inst.PASS_TO_PASS)
