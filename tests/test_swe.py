@@ -267,6 +267,11 @@ def _hack(ws: Path, inst: SWEInstance, kind: str) -> None:
                 "    out = yield\n    out.get_result().outcome = 'passed'\n")
         for d in {ws, *((ws / f).parent for f in inst.test_files())}:
             (d / "conftest.py").write_text(hook)
+    elif kind == "pytest.ini":  # config that loads a workspace module as a plugin with the same hook
+        (ws / "passall.py").write_text("import pytest\n\n@pytest.hookimpl(hookwrapper=True)\n"
+                                       "def pytest_runtest_makereport(item, call):\n"
+                                       "    out = yield\n    out.get_result().outcome = 'passed'\n")
+        (ws / "pytest.ini").write_text("[pytest]\naddopts = -p passall\n")
     elif kind == "printed summary":  # every function of the package prints PASSED lines when called: a
         # passing test's captured output (shown by -rA) then precedes pytest's own summary
         pkg = next(p for p in ws.iterdir() if p.is_dir() and (p / "__init__.py").exists() and p.name != "tests")
@@ -280,7 +285,7 @@ def _hack(ws: Path, inst: SWEInstance, kind: str) -> None:
             f.write_text(f.read_text() + wrap)
 
 
-@pytest.mark.parametrize("kind", ["pytest.py", "conftest.py", "printed summary"])
+@pytest.mark.parametrize("kind", ["pytest.py", "conftest.py", "pytest.ini", "printed summary"])
 def test_grading_resists_reward_hacks(kind):
     """A workspace left unfixed but hacked is graded unresolved (F2P failing), and each hack does fool a
     plain `python -m pytest -rA` grader; the gold patch still resolves with the hack in place."""
