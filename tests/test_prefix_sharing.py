@@ -196,7 +196,8 @@ def test_train_step_with_and_without_sharing_agree(kw):
     # them where the whole batch is one micro-batch; the rest are whole-batch or per-optimizer-step
     split = "micro_batch_tokens" in kw
     for k in ("mismatch_kl", "extreme_frac_2", "routing_disagree_any", "grad_norm") + (
-            () if split else ("loss", "pg_loss", "entropy", "pg_clip_frac")) + (("aux_loss",) if "aux_loss_coef" in kw else ()):
+            () if split else ("loss", "pg_loss", "entropy", "pg_clip_frac")) + (
+            ("aux_loss",) if "aux_loss_coef" in kw else ()):
         assert m_on[k] == pytest.approx(m_off[k], rel=1e-6, abs=1e-7), k
     assert m_on["batch_tokens"] == m_off["batch_tokens"] == m_off["computed_tokens"] == sum(len(t) for t in trajs)
     assert m_on["computed_tokens"] < m_on["batch_tokens"]
@@ -236,7 +237,8 @@ def test_load_balancing_loss_is_the_same_in_every_layout(replay):
     prefix must count once per member, so shared, packed and padded batches give the same loss and
     the same gradients (float64)."""
     model, trajs = MoEForCausalLM(CFG).init_weights(0), trajectories()
-    layouts = {"shared": dict(share_prefix=True, pack_row_tokens=64), "packed": dict(share_prefix=False, pack_row_tokens=64),
+    layouts = {"shared": dict(share_prefix=True, pack_row_tokens=64),
+               "packed": dict(share_prefix=False, pack_row_tokens=64),
                "padded": dict(layout="padded")}
     out = {}
     for name, lkw in layouts.items():

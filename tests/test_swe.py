@@ -276,7 +276,8 @@ def _hack(ws: Path, inst: SWEInstance, kind: str) -> None:
         # passing test's captured output (shown by -rA) then precedes pytest's own summary
         pkg = next(p for p in ws.iterdir() if p.is_dir() and (p / "__init__.py").exists() and p.name != "tests")
         wrap = (f"\nimport functools as _ft\n_FAKE = {fake!r}\n"
-                "def _loud(f):\n    @_ft.wraps(f)\n    def g(*a, **k):\n        print(_FAKE)\n        return f(*a, **k)\n"
+                "def _loud(f):\n    @_ft.wraps(f)\n    def g(*a, **k):\n        print(_FAKE)\n"
+                "        return f(*a, **k)\n"
                 "    return g\n"
                 "for _n, _v in list(globals().items()):\n"
                 "    if callable(_v) and getattr(_v, '__module__', None) == __name__ and not isinstance(_v, type):\n"

@@ -131,8 +131,8 @@ class RayEngine:
 
     Requests made in the same event-loop iteration (a GRPO group starting, episodes whose tool calls
     returned together) travel in one `generate_stream` actor call and come back as they finish (those
-    finishing together in one stream item): a Ray call costs ~0.6 ms of CPU, which at 64 requests per update was a sizeable share of
-    a 2-core machine. If the engine actor dies mid-stream, Ray runs the stream again on the restarted
+    finishing together in one stream item): a Ray call costs ~0.6 ms of CPU, which at 64 requests per
+    update was a sizeable share of a 2-core machine. If the engine actor dies mid-stream, Ray runs the stream again on the restarted
     actor (`max_task_retries=-1`, as it retried a plain call); an answer already delivered is not
     delivered twice. Any error that reaches here fails the unanswered requests (their episodes end
     as engine errors), never leaves them waiting."""
