@@ -346,3 +346,41 @@ def test_batched_sampling_follows_the_per_request_rule():
             assert tok in torch.topk(row, p.top_k).indices.tolist()
         if p.temperature == 0:
             assert tok == int(row.argmax())
+
+
+@pytest.mark.parametrize("layout", ["decode only", "decode first", "interleaved", "prefill only"])
+def test_one_step_of_any_segment_layout_equals_the_full_forward(ckpt, layout):
+    """`paged_forward` against the model's own full-sequence forward, in float64: a step's segments may be
+    single decode tokens (attended together, the query heads of a KV head as its queries) and prefill
+    chunks (attended causally), in any order; the decode-only step skips the scatter. Every new token's
+    routing row and each sampled position's logits must equal the full forward's."""
+    from agentrl.engine.forward import Segment, StepWeights, paged_forward
+    from agentrl.engine.memory import SlotPool
+
+    model = load_pretrained(ckpt, dtype=torch.float64).eval()
+    c = model.config
+    pool = SlotPool(256, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, torch.float64,
+                    len(c.moe_layers), c.num_experts_per_tok, np.uint8)
+    seqs = [prompt(700 + i, 6 + 5 * i) for i in range(5)]
+    decode = {"decode only": [0, 1, 2, 3, 4], "prefill only": [], "decode first": [0, 1], "interleaved": [1, 3]}[layout]
+    free = iter(range(1, 256))  # slot 0 stays unused: a gather of padding never reads a live token
+    slots = [np.array([next(free) for _ in s], dtype=np.int64) for s in seqs]
+    weights = StepWeights(model)
+    # history of the decoding sequences first (its own prefill step), then the step under test
+    hist = [Segment(seqs[i][:-1], 0, slots[i][:-1], False) for i in decode]
+    if hist:
+        paged_forward(model, pool, hist, weights=weights)
+    segs = [Segment(seqs[i][-1:], len(seqs[i]) - 1, slots[i], True) if i in decode
+            else Segment(seqs[i][:3], 0, slots[i][:3], True) if layout == "interleaved" and i == 2
+            else Segment(seqs[i], 0, slots[i], True) for i in range(5)]  # "interleaved": seq 2 is a chunk
+    logits, rows, _ = paged_forward(model, pool, segs, weights=weights)
+    n = 0
+    for seg, out in zip(segs, logits):
+        full = seg.ids if seg.start == 0 else seqs[[s for s in range(5) if slots[s] is seg.slots][0]]
+        with torch.no_grad(), model.routing_replay.record():
+            want = model(torch.tensor([full])).logits[0, -1]
+        torch.testing.assert_close(out, want.float(), rtol=0, atol=1e-6)
+        new = model.routing_replay.recorded[-len(seg.ids):].numpy()
+        assert (rows[n:n + len(seg.ids)].numpy().astype(np.int64) == new).all()
+        n += len(seg.ids)
+    assert n == rows.shape[0]

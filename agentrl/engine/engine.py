@@ -36,7 +36,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from agentrl.engine.forward import Segment, paged_forward
+from agentrl.engine.forward import Segment, StepWeights, paged_forward
 from agentrl.engine.memory import SlotPool
 from agentrl.engine.radix import RadixCache, common_prefix
 from agentrl.engine.sampling import sample_batch
@@ -100,6 +100,7 @@ class Engine:
                  model_path: str = "") -> None:
         self.cfg = cfg or EngineConfig()
         self.model = model.to(device=self.cfg.device, dtype=DTYPES[self.cfg.dtype]).eval()
+        self._weights = StepWeights(self.model)  # the step's layout of the weights; rebuilt on every load
         self.config = model.config
         self.tokenizer = tokenizer
         self.model_path = model_path
@@ -239,6 +240,7 @@ class Engine:
             for r in list(self._running) + list(self._waiting):
                 self._finish(r, {"type": "abort", "message": "weights updated"})
         missing, unexpected = self.model.load_state_dict(state, strict=False)
+        self._weights = StepWeights(self.model)
         if unexpected or [m for m in missing if not m.endswith("e_score_correction_bias")]:
             raise RequestError(f"weights do not match the model: missing={missing}, unexpected={unexpected}")
         self.version = self.version + 1 if version is None else int(version)
@@ -370,7 +372,7 @@ class Engine:
         return segs, owners
 
     def _step(self, segs: list[Segment], owners: list[_Req]) -> None:
-        logits, rows, new_slots = paged_forward(self.model, self.pool, segs, self.cfg.capture_routing)
+        logits, rows, new_slots = paged_forward(self.model, self.pool, segs, self.cfg.capture_routing, self._weights)
         self.pool.write_rows(new_slots, rows, self.version)
         self.counters["steps"] += 1
         sampled = [r for seg, r in zip(segs, owners) if seg.want_logits]

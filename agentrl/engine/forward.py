@@ -38,10 +38,11 @@ class _Group:
     mask: torch.Tensor  # [B, 1, nmax, Lmax] bool: key j visible to query t (causal within the sequence)
     qidx: torch.Tensor  # [B, nmax] position of each query in the step's flat token list (0-padded)
     qvalid: torch.Tensor  # [B, nmax] bool
-    tok: torch.Tensor  # [Nq] flat positions of the real queries, in qidx[qvalid] order
+    tok: torch.Tensor | None  # [Nq] flat positions of the real queries, in qidx[qvalid] order (None: all T, in order)
+    decode: bool  # one query per segment
 
 
-def _group(segs: list[Segment], offsets: list[int], device) -> _Group:
+def _group(segs: list[Segment], offsets: list[int], total: int, device) -> _Group:
     """Built once per step on the host, shared by all layers."""
     lens = [len(s.slots) for s in segs]
     ns = [len(s.ids) for s in segs]
@@ -56,29 +57,50 @@ def _group(segs: list[Segment], offsets: list[int], device) -> _Group:
     qvalid = np.arange(nmax)[None, :] < np.array(ns)[:, None]
     mask = np.arange(lmax)[None, None, :] <= qpos[:, :, None]
     t = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
-    return _Group(t(kidx), t(mask[:, None]), t(qidx), t(qvalid), t(qidx[qvalid]))
+    tok = qidx[qvalid]
+    whole = nmax == 1 and b == total and bool((tok == np.arange(total)).all())  # every token, in order
+    return _Group(t(kidx), t(mask[:, None]), t(qidx), t(qvalid), None if whole else t(tok), nmax == 1)
 
 
 def _attend(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, g: _Group) -> torch.Tensor:
-    """q [1, nh, T, D] -> attention output of the group's real queries [Nq, nh, D]."""
+    """q [T, nh, D] (the step's queries) -> attention output of the group's real queries [Nq, nh, D]."""
     b, lmax = g.kidx.shape
+    nh, d, nkv = q.shape[1], q.shape[2], k_pool.shape[1]
     flat = g.kidx.reshape(-1)  # index_select copies rows ~6x faster than advanced indexing on CPU
-    k = k_pool.index_select(0, flat).view(b, lmax, *k_pool.shape[1:]).transpose(1, 2)  # [B, nkv, Lmax, D]
-    v = v_pool.index_select(0, flat).view(b, lmax, *v_pool.shape[1:]).transpose(1, 2)
-    nh, d = q.shape[1], q.shape[3]
-    qb = q[0].index_select(1, g.qidx.reshape(-1)).view(nh, b, -1, d).transpose(0, 1)  # [B, nh, nmax, D]
+    k = k_pool.index_select(0, flat).view(b, lmax, nkv, d).transpose(1, 2)  # [B, nkv, Lmax, D]
+    v = v_pool.index_select(0, flat).view(b, lmax, nkv, d).transpose(1, 2)
+    if g.decode:
+        # one query per sequence: the nh / nkv query heads sharing a KV head attend as that head's
+        # queries (no GQA expansion of K/V); mask [B, 1, 1, Lmax] hides each row's padding
+        qb = (q if g.tok is None else q.index_select(0, g.tok)).view(b, nkv, nh // nkv, d)
+        return F.scaled_dot_product_attention(qb, k, v, attn_mask=g.mask).view(b, nh, d)
+    qb = q.index_select(0, g.qidx.reshape(-1)).view(b, -1, nh, d).transpose(1, 2)  # [B, nh, nmax, D]
     out = F.scaled_dot_product_attention(qb, k, v, attn_mask=g.mask, enable_gqa=True)
     return out.transpose(1, 2)[g.qvalid]  # [Nq, nh, D]
 
 
+class StepWeights:
+    """Weights laid out for the engine step, built from the model's own parameters: each layer's q, k
+    and v projections stacked into one [(nh + 2 nkv) D, H] matrix (one GEMM instead of three). Rebuilt
+    whenever the model's weights change (the engine does so after every weight load)."""
+
+    def __init__(self, model: MoEForCausalLM) -> None:
+        with torch.no_grad():
+            self.qkv = [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+                        for a in (layer.self_attn for layer in model.model.layers)]
+
+
 @torch.inference_mode()
-def paged_forward(model: MoEForCausalLM, pool: SlotPool, segs: list[Segment], capture: bool = True):
+def paged_forward(model: MoEForCausalLM, pool: SlotPool, segs: list[Segment], capture: bool = True,
+                  weights: StepWeights | None = None):
     """Returns (logits [num want_logits, V] float32 in segment order, rows [T, moe_layers, k] or None,
     new_slots [T]) where T = all new tokens in segment order; all three on the host. `capture=False`
-    skips collecting the rows (the routers choose their experts either way).
+    skips collecting the rows (the routers choose their experts either way). `weights`: the model's
+    `StepWeights` (built here when not given; the engine keeps one per weight version).
     Decode segments (one new token) attend together in one SDPA call, prefill chunks in another (kept
     apart so single-token queries are not padded to the longest chunk)."""
     cfg, device = model.config, pool.k.device
+    weights = weights or StepWeights(model)
     ids = torch.tensor([t for s in segs for t in s.ids]).to(device, non_blocking=True)
     pos = torch.from_numpy(np.concatenate([np.arange(s.start, s.start + len(s.ids)) for s in segs]))
     new_slots = torch.from_numpy(np.concatenate([s.slots[s.start:] for s in segs]))
@@ -87,17 +109,33 @@ def paged_forward(model: MoEForCausalLM, pool: SlotPool, segs: list[Segment], ca
     groups = []
     for members in ([i for i, s in enumerate(segs) if len(s.ids) == 1], [i for i, s in enumerate(segs) if len(s.ids) > 1]):
         if members:
-            groups.append(_group([segs[i] for i in members], [offsets[i] for i in members], device))
+            groups.append(_group([segs[i] for i in members], [offsets[i] for i in members], offsets[-1], device))
 
-    x = model.model.embed_tokens(ids)[None]  # [1, T, H]
-    cos, sin = rope_cos_sin(pos.to(device)[None], cfg.head_dim, cfg.rope_theta, x.dtype)
+    x = model.model.embed_tokens(ids)  # [T, H]
+    cos, sin = rope_cos_sin(pos.to(device), cfg.head_dim, cfg.rope_theta, x.dtype)  # [T, D]
     with _attention_kernels(device):
-        x = _layers(model, pool, x, cos, sin, new_slots_dev, groups)
+        x = _layers(model, weights, pool, x, _Rope(cos, sin), new_slots_dev, groups)
     last = torch.tensor([offsets[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits], dtype=torch.long)
-    logits = model.lm_head(model.model.norm(x[0, last.to(device)])).float().cpu()
+    logits = model.lm_head(model.model.norm(x.index_select(0, last.to(device)))).float().cpu()
     hook = model.routing_replay
     rows = hook.selected_rows().cpu() if hook is not None and capture else None
     return logits, rows, new_slots
+
+
+class _Rope:
+    """`apply_rope` of modeling.py for [T, heads, D] with its half-rotation as one flip: the rotated
+    x, cat(-x2, x1), equals flip(x) (halves swapped) times the sign vector (-1 then +1), which is
+    folded into sin once per step; the products and their sum are the same, in the same order."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        half = cos.shape[-1] // 2
+        self.cos, self.sin = cos[:, None], torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None]
+        self.half = half
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [T, heads, D]
+        t, h, d = x.shape
+        swapped = x.view(t, h, 2, self.half).flip(2).view(t, h, d)
+        return x * self.cos + swapped * self.sin
 
 
 def _attention_kernels(device: torch.device):
@@ -110,16 +148,25 @@ def _attention_kernels(device: torch.device):
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _layers(model: MoEForCausalLM, pool: SlotPool, x, cos, sin, new_slots, groups: list[_Group]) -> torch.Tensor:
-    device = x.device
+def _layers(model: MoEForCausalLM, weights: StepWeights, pool: SlotPool, x, rope: _Rope, new_slots,
+            groups: list[_Group]) -> torch.Tensor:
+    """x [T, H]: the step's tokens through every layer (the model's own norms, router and experts)."""
+    cfg = model.config
+    nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    t = x.shape[0]
     for li, layer in enumerate(model.model.layers):
         attn = layer.self_attn
-        q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)  # q [1, nh, T, D]; k, v [1, nkv, T, D]
-        pool.k[li].index_copy_(0, new_slots, k[0].transpose(0, 1))
-        pool.v[li].index_copy_(0, new_slots, v[0].transpose(0, 1))
-        out = torch.empty(q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=device)  # [T, nh, D]
-        for g in groups:
-            out.index_copy_(0, g.tok, _attend(q, pool.k[li], pool.v[li], g))
-        x = x + attn.o_proj(out.reshape(1, out.shape[0], -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        qkv = F.linear(layer.input_layernorm(x), weights.qkv[li]).view(t, nh + 2 * nkv, d)
+        qk = rope(torch.cat((attn.q_norm(qkv[:, :nh]), attn.k_norm(qkv[:, nh:nh + nkv])), dim=1))
+        q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
+        pool.k[li].index_copy_(0, new_slots, k)
+        pool.v[li].index_copy_(0, new_slots, v)
+        if len(groups) == 1 and groups[0].tok is None:  # a decode-only step: no scatter
+            out = _attend(q, pool.k[li], pool.v[li], groups[0])
+        else:
+            out = torch.empty(t, nh, d, dtype=q.dtype, device=x.device)  # [T, nh, D]
+            for g in groups:
+                out.index_copy_(0, g.tok, _attend(q, pool.k[li], pool.v[li], g))
+        x = x + attn.o_proj(out.reshape(t, nh * d))
+        x = x + layer.mlp(layer.post_attention_layernorm(x)[None])[0]
     return x

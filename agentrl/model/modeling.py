@@ -118,7 +118,7 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         token = order // k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        xs = x[token]
+        xs = x.index_select(0, token)  # ~6x faster than x[token] on CPU; the same backward
         outs = []
         # unbind, not gate_up_proj[e]: each indexed view's backward would zero-fill a full [E, ...] gradient
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
@@ -127,7 +127,7 @@ class Experts(nn.Module):
                 continue
             g, u = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
             outs.append(F.linear(F.silu(g) * u, down[e]))
-        y = torch.cat(outs) * gates.reshape(-1)[order, None].to(x.dtype)
+        y = torch.cat(outs) * gates.reshape(-1).index_select(0, order)[:, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 
 
