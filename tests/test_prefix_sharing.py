@@ -300,11 +300,15 @@ def test_megatron_learner_never_shares_and_matches_the_sharing_torch_learner():
 
 
 @pytest.mark.parametrize("kw", [dict(replay="R3", correction="tis"), dict(replay="off", share_prefix=False),
-                                dict(replay="R2", loss="gspo")])
+                                dict(replay="R2", loss="gspo"),
+                                # not fused: several mini-batches (some all idle) and micro-batches
+                                dict(replay="R3", correction="tis", mini_batches=2, micro_batch_tokens=60),
+                                dict(replay="R2", mini_batches=8), dict(replay="off", micro_batch_tokens=40)])
 def test_zero_advantage_samples_skip_the_backward_and_change_nothing(kw):
     """Groups whose rewards are all equal have advantage exactly 0: their samples run a forward without
-    autograd (their log-probs and rows still feed the metrics) and no backward; the update and every
-    metric are those of the full backward (float64 model)."""
+    autograd (their log-probs and rows still feed the metrics) and no backward, fused or in every
+    micro-batch of every mini-batch; the update and every metric are those of the full backward
+    (float64 model)."""
     model, trajs = MoEForCausalLM(CFG).init_weights(0), trajectories()
     rewards = {"a": [1, 1, 1, 1], "b": [0, 1, 0], "c": [0, 0, 0], "d": [1], "e": [1, 0], "": [0, 0]}
     seen: dict[str, int] = {}

@@ -18,9 +18,9 @@ The update, in order (each line is plain code in `train_step`):
      `micro_batch_tokens` tokens; the policy loss is PPO-clip or GSPO, plus optional KL to a
      reference, entropy bonus and MoE load-balancing loss (on the replayed assignment).
 Every forward of the packed layout computes a GRPO group's shared prompt once (`share_prefix`,
-batch.py): same log-probs and gradients, fewer tokens (`computed_tokens` in the metrics). With the
-fused old pass, samples whose advantage is exactly 0 (a group with equal rewards) run their forward
-without autograd and skip the backward (`skip_zero_advantage`): they take no gradient anyway.
+batch.py): same log-probs and gradients, fewer tokens (`computed_tokens` in the metrics). Samples
+whose advantage is exactly 0 (a group with equal rewards) run their training forward without
+autograd and skip the backward (`skip_zero_advantage`): they take no gradient anyway.
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ class LearnerConfig:
     mini_batches: int = 1  # optimizer steps per rollout batch
     fuse_old_pass: bool = True  # one optimizer step on one micro-batch: the old-policy logprobs are the training
     # forward's own (detached), so the separate no-grad pass is skipped (identical result, one forward less)
-    skip_zero_advantage: bool = True  # with fuse_old_pass: samples whose advantage is exactly 0 (a group whose
-    # rewards are all equal) take no gradient when no entropy / aux / KL term is on; they run a forward without
-    # autograd (for their log-probs and routing metrics) and no backward (identical update and metrics)
+    skip_zero_advantage: bool = True  # samples whose advantage is exactly 0 (a group whose rewards are all
+    # equal) take no gradient when no entropy / aux / KL term is on; their training forward runs without autograd
+    # (their log-probs still feed the loss's metrics and, fused, the routing metrics) and they skip the backward,
+    # in every micro-batch of every mini-batch (identical update and metrics)
     micro_batch_tokens: int = 8192  # tokens per forward (gradient accumulation above that)
     layout: Literal["packed", "padded"] = "packed"
     pack_row_tokens: int | None = None  # packed row width; None = the longest sequence (bounds O(width^2) attention),
@@ -318,25 +319,48 @@ class TorchLearner:
         stats: dict[str, list[float]] = {}
         computed = 0
         rows_mode = "replay" if cfg.replay in ("R2", "R3") else "free"
+        idle = set() if fused else self._idle(adv_seq)
         for mini in minis:
             self.opt.zero_grad(set_to_none=True)
             mini_tokens = max(1, int(train_mask[mini].sum()))
+            backward = False
             for mb in ([everything] if fused else parts(mini)):
+                rest = [j for j, i in enumerate(mb) if i in idle]
                 if fused:
                     batch, lp, ent, aux, tokens = fused_out
-                else:
+                elif not rest:
                     batch = make(mb, with_routing=cfg.replay != "off")
                     lp, ent, aux = self._forward(batch, rows_mode, aux=cfg.aux_loss_coef > 0)
                     tokens = batch.computed_tokens
+                else:  # zero-gradient samples: the loss sees their log-probs, autograd does not
+                    active = [j for j in range(len(mb)) if mb[j] not in idle]
+                    rows, tokens = [], 0
+                    for part, grad in ((active, True), (rest, False)):
+                        if part:
+                            with torch.set_grad_enabled(grad):
+                                b = make([mb[j] for j in part], with_routing=cfg.replay != "off")
+                                rows.append((part, *self._forward(b, rows_mode)[:2]))
+                            tokens += b.computed_tokens
+                    width = max(r[1].shape[1] for r in rows)
+                    lp = _rows_into(len(mb), width, *((part, r) for part, r, _ in rows))
+                    ent = _rows_into(len(mb), width, *((part, e) for part, _, e in rows))
+                    aux = None
+                    m["skipped_backward"] = m.get("skipped_backward", 0.0) + len(rest)
                 computed += tokens
                 w_share = (int(train_mask[mb].sum()) / mini_tokens if cfg.agg == "token-mean" and cfg.loss == "ppo"
                            else 1.0 if cfg.agg == "token-sum-norm" and cfg.loss == "ppo" else len(mb) / len(mini))
                 w = lp.shape[1]  # this micro-batch's longest sequence; the batch tensors are wider
                 loss, s = self._loss(lp, ent, aux, logp_old[mb, :w], adv_seq[mb], train_mask[mb, :w],
                                      weights[mb, :w], None if logp_ref is None else logp_ref[mb, :w])
-                (loss * w_share).backward()
+                if loss.requires_grad:  # not when every sample of the micro-batch is idle
+                    (loss * w_share).backward()
+                    backward = True
                 for k, v in s.items():
                     stats.setdefault(k, []).append(float(v))
+            if not backward:  # an all-idle mini-batch: the optimizer steps on the zero gradient it has
+                for p in self.model.parameters():
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             stats.setdefault("grad_norm", []).append(float(gn))
             self.opt.step()
