@@ -3,10 +3,14 @@
 One `TorchLearner.train_step` (old-policy pass + one optimizer step, fp32, CPU) on the same batch
 of variable-length trajectories with engine-style routing rows. Modes alternate round by round.
 `--grpo` instead times a GRPO-shaped batch (groups of samples of one prompt, rows identical on the
-prompt) packed plainly vs with each group's prompt computed once (`share_prefix`).
+prompt) packed plainly vs with each group's prompt computed once (`share_prefix`). `--zero-adv` times
+the same GRPO batch with every other group's rewards equal (advantage exactly 0) with and without
+`skip_zero_advantage`, fused (one mini-batch, one micro-batch), with 2 mini-batches, and with
+micro-batches of `--micro-tokens` tokens.
 
     python benchmarks/learner.py [--preset tiny-moe] [--seqs 32] [--min-len 64] [--max-len 384] [--rounds 6]
     python benchmarks/learner.py --grpo [--groups 8] [--group-size 8] [--prompt 40] [--max-new 16]
+    python benchmarks/learner.py --zero-adv [--groups 8] [--group-size 8] [--micro-tokens 400]
 """
 
 from __future__ import annotations
@@ -78,11 +82,23 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=40)
     ap.add_argument("--max-new", type=int, default=16)
     ap.add_argument("--row-factor", type=int, default=None, help="share_prefix_row_factor (default: LearnerConfig's)")
+    ap.add_argument("--zero-adv", action="store_true", help="GRPO batch, half the groups with equal rewards: "
+                    "skip_zero_advantage on vs off")
+    ap.add_argument("--micro-tokens", type=int, default=400, help="micro_batch_tokens of --zero-adv's micro-batched row")
     args = ap.parse_args()
     cfg = preset(args.preset)
     layout = RoutingLayout.from_config(cfg)
     base = MoEForCausalLM(cfg).init_weights(0).state_dict()
-    if args.grpo:
+    if args.zero_adv:
+        trajs = grpo_batch(cfg, layout, args.groups, args.group_size, args.prompt, args.max_new)
+        for t in trajs:
+            if int(t.group_id) % 2 == 0:
+                t.reward = 1.0  # every other group: equal rewards, advantage exactly 0
+        setups = {"fused": {}, "2 mini-batches": dict(mini_batches=2),
+                  f"micro-batches of {args.micro_tokens}": dict(micro_batch_tokens=args.micro_tokens)}
+        runs = {f"{k} / {s}": dict(replay="R3", skip_zero_advantage=s == "skip", **kw)
+                for k, kw in setups.items() for s in ("full", "skip")}
+    elif args.grpo:
         trajs = grpo_batch(cfg, layout, args.groups, args.group_size, args.prompt, args.max_new)
         share = {} if args.row_factor is None else dict(share_prefix_row_factor=args.row_factor)
         runs = {"off/packed": dict(replay="off", share_prefix=False), "off/shared": dict(replay="off", **share),
@@ -99,15 +115,24 @@ def main() -> None:
         learners[name] = TorchLearner(model, LearnerConfig(lr=0.0, **kw))  # lr 0: identical work every round
     times: dict[str, list[float]] = {k: [] for k in runs}
     computed: dict[str, float] = {}
+    skipped: dict[str, float] = {}
     for r in range(args.rounds + 1):
         names = list(runs) if r % 2 == 0 else list(reversed(runs))
         for name in names:
             t0 = time.perf_counter()
-            computed[name] = learners[name].train_step(trajs)["computed_tokens"]
+            out = learners[name].train_step(trajs)
             if r:  # round 0 warms up
                 times[name].append(time.perf_counter() - t0)
+            computed[name], skipped[name] = out["computed_tokens"], out.get("skipped_backward", 0.0)
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = sum(len(t) for t in trajs)
+    if args.zero_adv:
+        print(f"preset={args.preset} GRPO batch: {args.groups} groups x {args.group_size} samples ({len(trajs)}), "
+              f"every other group with equal rewards, R3, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
+        print(f"{'setup / skip_zero_advantage':<36}{'step (s)':>10}{'skipped':>9}{'speed-up':>10}")
+        for k, t in med.items():
+            print(f"{k:<36}{t:>10.3f}{skipped[k]:>9.0f}{med[k.rsplit(' / ', 1)[0] + ' / full'] / t:>10.2f}")
+        return
     if args.grpo:
         print(f"preset={args.preset} GRPO batch: {args.groups} groups x {args.group_size} samples, {args.prompt}-token "
               f"prompt + 1..{args.max_new} generated = {tokens} tokens, {torch.get_num_threads()} threads, "
