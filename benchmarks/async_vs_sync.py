@@ -7,15 +7,15 @@ where tools are slow and the GPU/CPU would otherwise idle while episodes wait on
 
 One sync run, then one async run per look-ahead (`runtime.max_staleness`; default: the recipe's
 value, then 2 and 3), all from the same warm-up-free model; the first two updates are excluded
-(start-up). How much latency async can hide is set by the look-ahead: with K, at most K + 1
-batches (the one training included) are in flight, so for latency-bound rollouts async can at best
-reach about (K + 1)x sync, plus what it gains by not waiting for a batch's slowest episode.
+(start-up), and samples/s is the other updates' samples over their total time. How much latency
+async can hide is set by the look-ahead: with K, at most K + 1 batches (the one training included)
+are in flight, so for latency-bound rollouts async can at best reach about (K + 1)x sync, plus what
+it gains by not waiting for a batch's slowest episode.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
@@ -37,7 +37,10 @@ def run(recipe_path: str, mode: str, steps: int, latency: float, out: str, stale
     wall = time.perf_counter() - t0
     rows = [r for r in read_metrics(f"{out}/bench-{mode}/metrics.jsonl") if "samples_per_s" in r]
     assert len(rows) == steps, f"{mode}: {len(rows)} of {steps} updates logged"
-    return statistics.mean(r["samples_per_s"] for r in rows[2:]), wall
+    # samples over time (each update's time is its batch over its rate), not a mean of per-update rates:
+    # async updates alternate short and long, and a plain mean of rates would overweight the short ones
+    n = recipe.rollout.prompts_per_step * recipe.rollout.group_size
+    return n * (steps - 2) / sum(n / r["samples_per_s"] for r in rows[2:]), wall
 
 
 def main() -> None:
