@@ -260,17 +260,16 @@ def test_eval_recipe_gold_100_noop_0(tmp_path):
 def _hack(ws: Path, inst: SWEInstance, kind: str) -> None:
     """What a policy can write into the workspace to pass the tests without fixing anything."""
     fake = "".join(f"PASSED {t}\n" for t in [*inst.FAIL_TO_PASS, *inst.PASS_TO_PASS])
+    # a pytest hook that turns every test report into a pass
+    hook = ("import pytest\n\n@pytest.hookimpl(hookwrapper=True)\ndef pytest_runtest_makereport(item, call):\n"
+            "    out = yield\n    out.get_result().outcome = 'passed'\n")
     if kind == "pytest.py":  # shadows pytest under `python -m pytest`: prints a passing summary, exits 0
         (ws / "pytest.py").write_text(f"import sys\nprint({fake!r})\nsys.exit(0)\n")
-    elif kind == "conftest.py":  # a hook that turns every report into a pass, at the root and beside the tests
-        hook = ("import pytest\n\n@pytest.hookimpl(hookwrapper=True)\ndef pytest_runtest_makereport(item, call):\n"
-                "    out = yield\n    out.get_result().outcome = 'passed'\n")
+    elif kind == "conftest.py":  # the hook at the root and beside the tests
         for d in {ws, *((ws / f).parent for f in inst.test_files())}:
             (d / "conftest.py").write_text(hook)
-    elif kind == "pytest.ini":  # config that loads a workspace module as a plugin with the same hook
-        (ws / "passall.py").write_text("import pytest\n\n@pytest.hookimpl(hookwrapper=True)\n"
-                                       "def pytest_runtest_makereport(item, call):\n"
-                                       "    out = yield\n    out.get_result().outcome = 'passed'\n")
+    elif kind == "pytest.ini":  # config that loads a workspace module with the hook as a plugin
+        (ws / "passall.py").write_text(hook)
         (ws / "pytest.ini").write_text("[pytest]\naddopts = -p passall\n")
     elif kind == "printed summary":  # every function of the package prints PASSED lines when called: a
         # passing test's captured output (shown by -rA) then precedes pytest's own summary
