@@ -258,6 +258,43 @@ def test_stop_strings_cut_text(ckpt):
         assert stop not in out.text and g.text.startswith(out.text)
 
 
+
+def test_stop_strings_are_checked_on_the_newest_tokens_only(ckpt):
+    """Per step, stop strings are searched in the decoded text of the newest tokens (a window of the
+    longest stop string's length plus slack), so checking a long reply is linear in its length; the
+    whole output is decoded once a stop string shows up, and the cut is the whole text's first match."""
+    from agentrl.engine.engine import STOP_SLACK_TOKENS
+
+    with engine(ckpt) as eng:
+        real, sizes = eng.tokenizer, []
+
+        class Counting:  # the engine's own tokenizer, recording how many tokens each decode gets
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def decode(self, ids, **kw):
+                sizes.append(len(ids))
+                return real.decode(ids, **kw)
+
+        eng.tokenizer = Counting()
+        p, n = prompt(11, 12), 120
+        free = eng.generate_sync(GenerateRequest(p, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)))
+        sizes.clear()
+        never = "\x00never"
+        out = eng.generate_sync(GenerateRequest(p, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True,
+                                                                  stop=[never])))
+        assert out.output_ids == free.output_ids and out.text == free.text
+        assert len(sizes) == n + 1 and max(sizes[:-1]) == len(never) + STOP_SLACK_TOKENS and sizes[-1] == n
+        late = free.text[3 * len(free.text) // 4:][:3]
+        assert len(free.text) > 40 and late.strip(), "needs a long reply to stop late in"
+        sizes.clear()
+        cut = eng.generate_sync(GenerateRequest(p, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True,
+                                                                  stop=["\x00never", late])))
+        assert cut.finish_reason == {"type": "stop", "matched": late}
+        assert cut.text == free.text[: free.text.find(late)]
+        assert sum(s == len(cut.output_ids) for s in sizes) == 2  # the match's whole-text search, the reply
+
+
 def test_bad_requests_are_clear_errors(ckpt):
     with engine(ckpt, max_total_tokens=64) as eng:
         with pytest.raises(RequestError, match="KV pool"):

@@ -47,6 +47,7 @@ from agentrl.routing import RoutingLayout
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 MIN_SHARED_PREFILL = 16  # prompt tokens another request is about to cache that make a new request wait a step
+STOP_SLACK_TOKENS = 8  # tokens decoded beyond a stop string's length (a character may span several tokens)
 
 
 @dataclass
@@ -400,12 +401,18 @@ class Engine:
         if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids):
             return self._finish(r, {"type": "stop", "matched": tok})
         if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True)
-            for s in p.stop:
-                i = text.find(s)
-                if i >= 0:
-                    r.text_cut = i
-                    return self._finish(r, {"type": "stop", "matched": s})
+            # a stop string not seen before must end in the new token's text: decode only the last few
+            # tokens (each yields at least one character, or a part of one), and the whole output only
+            # when one shows up there, for its exact cut (a long reply stays linear, not quadratic)
+            window = max(map(len, p.stop)) + STOP_SLACK_TOKENS
+            tail = self.tokenizer.decode(r.out_ids[-window:], skip_special_tokens=True)
+            if any(s in tail for s in p.stop):
+                text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True)
+                for s in p.stop:
+                    i = text.find(s)
+                    if i >= 0:
+                        r.text_cut = i
+                        return self._finish(r, {"type": "stop", "matched": s})
         if len(r.out_ids) >= r.max_new:
             self._finish(r, {"type": "length"})
 
