@@ -328,3 +328,28 @@ def test_zero_advantage_samples_skip_the_backward_and_change_nothing(kw):
         torch.testing.assert_close(p, q[1], rtol=0, atol=1e-2 * skip.cfg.lr, msg=n)
     # a term that reaches every token (entropy bonus) keeps every sample in the backward
     assert "skipped_backward" not in learner64(model, entropy_coef=0.01, **kw).train_step(trajs)
+
+
+@pytest.mark.parametrize("kw", [dict(replay="R3"), dict(replay="R2", mini_batches=2, micro_batch_tokens=60)])
+def test_a_batch_without_any_gradient_runs_no_backward_and_steps_like_the_full_one(kw):
+    """Every reward equal (common early in RL on a hard task): no sample takes a gradient, no backward
+    runs, and the optimizer steps on a zero gradient exactly as after the full backward (AdamW's weight
+    decay and moments still move the weights after an earlier real step)."""
+    model, trajs = MoEForCausalLM(CFG).init_weights(0), trajectories()
+    rewards = {"a": [1, 1, 1, 1], "b": [0, 1, 0], "c": [0, 0, 0], "d": [1], "e": [1, 0], "": [0, 0]}
+    seen: dict[str, int] = {}
+    for t in trajs:
+        t.reward = float(rewards[t.group_id][seen.get(t.group_id, 0)])
+        seen[t.group_id] = seen.get(t.group_id, 0) + 1
+    skip, full = (learner64(model, weight_decay=0.1, skip_zero_advantage=s, **kw) for s in (True, False))
+    skip.train_step(trajs), full.train_step(trajs)  # a real step first: AdamW has moments to apply
+    for t in trajs:
+        t.reward = 1.0
+    m_skip, m_full = skip.train_step(trajs), full.train_step(trajs)
+    assert m_skip["skipped_backward"] == len(trajs) and "skipped_backward" not in m_full
+    for k, v in m_full.items():
+        if k not in ("learner_time_s", "computed_tokens"):
+            assert m_skip[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    for (n, p), q in zip(skip.model.named_parameters(), full.model.parameters()):
+        assert p.grad is not None and not p.grad.any(), n
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=n)

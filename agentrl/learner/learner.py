@@ -272,11 +272,14 @@ class TorchLearner:
         if fused:  # the training forward (R2: recording is free routing, which replaying it reproduces)
             idle = self._idle(adv_seq)
             active = [i for i in everything if i not in idle]
-            if not idle or not active:
-                batch = make(everything, with_routing=cfg.replay == "R3")
-                lp, ent, aux = self._forward(batch, old_mode, aux=cfg.aux_loss_coef > 0)
+            if not idle or not active:  # all train, or none does (one forward without autograd, no backward)
+                with torch.set_grad_enabled(bool(active)):
+                    batch = make(everything, with_routing=cfg.replay == "R3")
+                    lp, ent, aux = self._forward(batch, old_mode, aux=cfg.aux_loss_coef > 0)
                 take_old(everything, batch, lp.detach())
                 fused_out = (batch, lp, ent, aux, batch.computed_tokens)
+                if not active:
+                    m["skipped_backward"] = float(n)
             else:  # zero-gradient samples: log-probs, entropy and rows from a forward without autograd
                 batch = make(active, with_routing=cfg.replay == "R3")
                 lp_a, ent_a, _ = self._forward(batch, old_mode)
