@@ -84,7 +84,8 @@ def main() -> None:
     ap.add_argument("--row-factor", type=int, default=None, help="share_prefix_row_factor (default: LearnerConfig's)")
     ap.add_argument("--zero-adv", action="store_true", help="GRPO batch, half the groups with equal rewards: "
                     "skip_zero_advantage on vs off")
-    ap.add_argument("--micro-tokens", type=int, default=400, help="micro_batch_tokens of --zero-adv's micro-batched row")
+    ap.add_argument("--micro-tokens", type=int, default=400,
+                    help="micro_batch_tokens of --zero-adv's micro-batched row")
     args = ap.parse_args()
     cfg = preset(args.preset)
     layout = RoutingLayout.from_config(cfg)
@@ -128,7 +129,8 @@ def main() -> None:
     tokens = sum(len(t) for t in trajs)
     if args.zero_adv:
         print(f"preset={args.preset} GRPO batch: {args.groups} groups x {args.group_size} samples ({len(trajs)}), "
-              f"every other group with equal rewards, R3, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
+              f"every other group with equal rewards, R3, {torch.get_num_threads()} threads, "
+              f"median of {args.rounds} rounds")
         print(f"{'setup / skip_zero_advantage':<36}{'step (s)':>10}{'skipped':>9}{'speed-up':>10}")
         for k, t in med.items():
             print(f"{k:<36}{t:>10.3f}{skipped[k]:>9.0f}{med[k.rsplit(' / ', 1)[0] + ' / full'] / t:>10.2f}")

@@ -48,7 +48,8 @@ def run_agentrl(model: str, out: Path, mode: str, steps: int) -> tuple[float, fl
 
     recipe = parse_recipe({
         "name": f"vs-trl-{mode}", "model": {"path": model}, "env": {"id": "arith-v0"},
-        "engine": {"dtype": "float32"},  # as TRL generates (a bf16 engine step is no faster here: its GEMMs are, SDPA is not)
+        # fp32 as TRL generates (a bf16 engine step is no faster on this CPU: its GEMMs are, SDPA is not)
+        "engine": {"dtype": "float32"},
         "rollout": {"prompts_per_step": P, "group_size": G, "max_new_tokens": MAX_NEW, "temperature": 1.0},
         "learner": {"lr": LR, "replay": "R3", "advantage": "grpo", "loss": "ppo"},
         "runtime": {"mode": mode, "steps": steps, "max_staleness": 1, "checkpoint_every": 0},
