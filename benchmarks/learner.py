@@ -127,10 +127,10 @@ def main() -> None:
             computed[name], skipped[name] = out["computed_tokens"], out.get("skipped_backward", 0.0)
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = sum(len(t) for t in trajs)
+    where = f"{torch.get_num_threads()} threads, median of {args.rounds} rounds"
     if args.zero_adv:
         print(f"preset={args.preset} GRPO batch: {args.groups} groups x {args.group_size} samples ({len(trajs)}), "
-              f"every other group with equal rewards, R3, {torch.get_num_threads()} threads, "
-              f"median of {args.rounds} rounds")
+              f"every other group with equal rewards, R3, {where}")
         print(f"{'setup / skip_zero_advantage':<36}{'step (s)':>10}{'skipped':>9}{'speed-up':>10}")
         for k, t in med.items():
             print(f"{k:<36}{t:>10.3f}{skipped[k]:>9.0f}{med[k.rsplit(' / ', 1)[0] + ' / full'] / t:>10.2f}")

@@ -299,6 +299,16 @@ def test_megatron_learner_never_shares_and_matches_the_sharing_torch_learner():
         assert mm[k] == pytest.approx(mt[k], rel=1e-5, abs=1e-7), k
 
 
+def mixed_rewards(trajs):
+    """Groups a and c (and the singleton d, the ungrouped pair) get equal rewards: advantage exactly 0."""
+    rewards = {"a": [1, 1, 1, 1], "b": [0, 1, 0], "c": [0, 0, 0], "d": [1], "e": [1, 0], "": [0, 0]}
+    seen: dict[str, int] = {}
+    for t in trajs:
+        t.reward = float(rewards[t.group_id][seen.get(t.group_id, 0)])
+        seen[t.group_id] = seen.get(t.group_id, 0) + 1
+    return trajs
+
+
 @pytest.mark.parametrize("kw", [dict(replay="R3", correction="tis"), dict(replay="off", share_prefix=False),
                                 dict(replay="R2", loss="gspo"),
                                 # not fused: several mini-batches (some all idle) and micro-batches
@@ -309,12 +319,7 @@ def test_zero_advantage_samples_skip_the_backward_and_change_nothing(kw):
     autograd (their log-probs and rows still feed the metrics) and no backward, fused or in every
     micro-batch of every mini-batch; the update and every metric are those of the full backward
     (float64 model)."""
-    model, trajs = MoEForCausalLM(CFG).init_weights(0), trajectories()
-    rewards = {"a": [1, 1, 1, 1], "b": [0, 1, 0], "c": [0, 0, 0], "d": [1], "e": [1, 0], "": [0, 0]}
-    seen: dict[str, int] = {}
-    for t in trajs:
-        t.reward = float(rewards[t.group_id][seen.get(t.group_id, 0)])
-        seen[t.group_id] = seen.get(t.group_id, 0) + 1
+    model, trajs = MoEForCausalLM(CFG).init_weights(0), mixed_rewards(trajectories())
     skip, full = learner64(model, **kw), learner64(model, skip_zero_advantage=False, **kw)
     m_skip, m_full = skip.train_step(trajs), full.train_step(trajs)
     assert m_skip["skipped_backward"] == 4 + 3 + 1 + 2  # groups a, c, the singleton d, the ungrouped pair
@@ -335,12 +340,7 @@ def test_a_batch_without_any_gradient_runs_no_backward_and_steps_like_the_full_o
     """Every reward equal (common early in RL on a hard task): no sample takes a gradient, no backward
     runs, and the optimizer steps on a zero gradient exactly as after the full backward (AdamW's weight
     decay and moments still move the weights after an earlier real step)."""
-    model, trajs = MoEForCausalLM(CFG).init_weights(0), trajectories()
-    rewards = {"a": [1, 1, 1, 1], "b": [0, 1, 0], "c": [0, 0, 0], "d": [1], "e": [1, 0], "": [0, 0]}
-    seen: dict[str, int] = {}
-    for t in trajs:
-        t.reward = float(rewards[t.group_id][seen.get(t.group_id, 0)])
-        seen[t.group_id] = seen.get(t.group_id, 0) + 1
+    model, trajs = MoEForCausalLM(CFG).init_weights(0), mixed_rewards(trajectories())
     skip, full = (learner64(model, weight_decay=0.1, skip_zero_advantage=s, **kw) for s in (True, False))
     skip.train_step(trajs), full.train_step(trajs)  # a real step first: AdamW has moments to apply
     for t in trajs:
