@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from agentrl.engine.memory import SlotPool
-from agentrl.model.modeling import MoEForCausalLM, rope_cos_sin
+from agentrl.model.modeling import MoEForCausalLM, apply_rope, rope_cos_sin
 
 
 @dataclass
@@ -114,28 +114,12 @@ def paged_forward(model: MoEForCausalLM, pool: SlotPool, segs: list[Segment], ca
     x = model.model.embed_tokens(ids)  # [T, H]
     cos, sin = rope_cos_sin(pos.to(device), cfg.head_dim, cfg.rope_theta, x.dtype)  # [T, D]
     with _attention_kernels(device):
-        x = _layers(model, weights, pool, x, _Rope(cos, sin), new_slots_dev, groups)
+        x = _layers(model, weights, pool, x, cos, sin, new_slots_dev, groups)
     last = torch.tensor([offsets[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits], dtype=torch.long)
     logits = model.lm_head(model.model.norm(x.index_select(0, last.to(device)))).float().cpu()
     hook = model.routing_replay
     rows = hook.selected_rows().cpu() if hook is not None and capture else None
     return logits, rows, new_slots
-
-
-class _Rope:
-    """`apply_rope` of modeling.py for [T, heads, D] with its half-rotation as one flip: the rotated
-    x, cat(-x2, x1), equals flip(x) (halves swapped) times the sign vector (-1 then +1), which is
-    folded into sin once per step; the products and their sum are the same, in the same order."""
-
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        half = cos.shape[-1] // 2
-        self.cos, self.sin = cos[:, None], torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None]
-        self.half = half
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [T, heads, D]
-        t, h, d = x.shape
-        swapped = x.view(t, h, 2, self.half).flip(2).view(t, h, d)
-        return x * self.cos + swapped * self.sin
 
 
 def _attention_kernels(device: torch.device):
@@ -148,7 +132,7 @@ def _attention_kernels(device: torch.device):
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _layers(model: MoEForCausalLM, weights: StepWeights, pool: SlotPool, x, rope: _Rope, new_slots,
+def _layers(model: MoEForCausalLM, weights: StepWeights, pool: SlotPool, x, cos, sin, new_slots,
             groups: list[_Group]) -> torch.Tensor:
     """x [T, H]: the step's tokens through every layer (the model's own norms, router and experts)."""
     cfg = model.config
@@ -157,11 +141,12 @@ def _layers(model: MoEForCausalLM, weights: StepWeights, pool: SlotPool, x, rope
     for li, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         qkv = F.linear(layer.input_layernorm(x), weights.qkv[li]).view(t, nh + 2 * nkv, d)
-        qk = rope(torch.cat((attn.q_norm(qkv[:, :nh]), attn.k_norm(qkv[:, nh:nh + nkv])), dim=1))
+        qk = torch.cat((attn.q_norm(qkv[:, :nh]), attn.k_norm(qkv[:, nh:nh + nkv])), dim=1)
+        qk = apply_rope(qk, cos, sin)  # q and k together: [T, nh + nkv, D] with cos / sin [T, D]
         q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
         pool.k[li].index_copy_(0, new_slots, k)
         pool.v[li].index_copy_(0, new_slots, v)
-        if len(groups) == 1 and groups[0].tok is None:  # a decode-only step: no scatter
+        if groups[0].tok is None:  # a decode-only step (then the only group): no scatter
             out = _attend(q, pool.k[li], pool.v[li], groups[0])
         else:
             out = torch.empty(t, nh, d, dtype=q.dtype, device=x.device)  # [T, nh, D]

@@ -252,7 +252,6 @@ class TorchLearner:
                                with_routing=with_routing, share_prefix=shares).with_targets(mask[mb])
 
         fused = cfg.fuse_old_pass and cfg.mini_batches == 1 and len(parts(everything)) == 1
-        fused_out = None
 
         def take_old(mb: list[int], batch: ModelBatch, lp: torch.Tensor) -> None:
             for j, i in enumerate(mb):
@@ -269,30 +268,37 @@ class TorchLearner:
                 for j, i in enumerate(mb):
                     logp_ref[i, : lens[i]] = lp_ref[j, : lens[i]]
 
+        idle = self._idle(adv_seq)
+
+        def forward(mb: list[int], mode: str, with_routing: bool, old: bool):
+            """The training forward of samples `mb`: (log-probs, entropy, aux loss, tokens computed, samples
+            without autograd), rows in `mb` order. Idle samples (zero gradient) run without autograd; with
+            `old`, this forward is also the old-policy pass (fused)."""
+            split = [[j for j, i in enumerate(mb) if i not in idle], [j for j, i in enumerate(mb) if i in idle]]
+            rows, aux, tokens = [], None, 0
+            for pos, grad in zip(split, (True, False)):
+                if pos:
+                    with torch.set_grad_enabled(grad):
+                        sub = [mb[j] for j in pos]
+                        batch = make(sub, with_routing=with_routing)
+                        lp, ent, aux = self._forward(batch, mode, aux=cfg.aux_loss_coef > 0 and grad)
+                        if old:
+                            take_old(sub, batch, lp.detach())
+                    rows.append((pos, lp, ent))
+                    tokens += batch.computed_tokens
+            if len(rows) > 1:  # both kinds: back into mb order (aux is never on with idle samples)
+                width = max(r[1].shape[1] for r in rows)
+                lp = _rows_into(len(mb), width, *((pos, r) for pos, r, _ in rows))
+                ent = _rows_into(len(mb), width, *((pos, e) for pos, _, e in rows))
+            return lp, ent, aux, tokens, len(split[1])
+
+        def count_skipped(k: int) -> None:
+            if k:
+                m["skipped_backward"] = m.get("skipped_backward", 0.0) + k
+
         if fused:  # the training forward (R2: recording is free routing, which replaying it reproduces)
-            idle = self._idle(adv_seq)
-            active = [i for i in everything if i not in idle]
-            if not idle or not active:  # all train, or none does (one forward without autograd, no backward)
-                with torch.set_grad_enabled(bool(active)):
-                    batch = make(everything, with_routing=cfg.replay == "R3")
-                    lp, ent, aux = self._forward(batch, old_mode, aux=cfg.aux_loss_coef > 0)
-                take_old(everything, batch, lp.detach())
-                fused_out = (batch, lp, ent, aux, batch.computed_tokens)
-                if not active:
-                    m["skipped_backward"] = float(n)
-            else:  # zero-gradient samples: log-probs, entropy and rows from a forward without autograd
-                batch = make(active, with_routing=cfg.replay == "R3")
-                lp_a, ent_a, _ = self._forward(batch, old_mode)
-                take_old(active, batch, lp_a.detach())
-                with torch.no_grad():
-                    idle_batch = make(sorted(idle), with_routing=cfg.replay == "R3")
-                    lp_i, ent_i, _ = self._forward(idle_batch, old_mode)
-                    take_old(sorted(idle), idle_batch, lp_i)
-                width = max(lens)
-                lp = _rows_into(n, width, (active, lp_a), (sorted(idle), lp_i))
-                ent = _rows_into(n, width, (active, ent_a), (sorted(idle), ent_i))
-                m["skipped_backward"] = float(len(idle))
-                fused_out = (batch, lp, ent, None, batch.computed_tokens + idle_batch.computed_tokens)
+            fused_out = forward(everything, old_mode, cfg.replay == "R3", old=True)
+            count_skipped(fused_out[4])
         else:
             with torch.no_grad():
                 for mb in parts(everything):
@@ -322,33 +328,16 @@ class TorchLearner:
         stats: dict[str, list[float]] = {}
         computed = 0
         rows_mode = "replay" if cfg.replay in ("R2", "R3") else "free"
-        idle = set() if fused else self._idle(adv_seq)
         for mini in minis:
             self.opt.zero_grad(set_to_none=True)
             mini_tokens = max(1, int(train_mask[mini].sum()))
             backward = False
             for mb in ([everything] if fused else parts(mini)):
-                rest = [j for j, i in enumerate(mb) if i in idle]
                 if fused:
-                    batch, lp, ent, aux, tokens = fused_out
-                elif not rest:
-                    batch = make(mb, with_routing=cfg.replay != "off")
-                    lp, ent, aux = self._forward(batch, rows_mode, aux=cfg.aux_loss_coef > 0)
-                    tokens = batch.computed_tokens
-                else:  # zero-gradient samples: the loss sees their log-probs, autograd does not
-                    active = [j for j in range(len(mb)) if mb[j] not in idle]
-                    rows, tokens = [], 0
-                    for part, grad in ((active, True), (rest, False)):
-                        if part:
-                            with torch.set_grad_enabled(grad):
-                                b = make([mb[j] for j in part], with_routing=cfg.replay != "off")
-                                rows.append((part, *self._forward(b, rows_mode)[:2]))
-                            tokens += b.computed_tokens
-                    width = max(r[1].shape[1] for r in rows)
-                    lp = _rows_into(len(mb), width, *((part, r) for part, r, _ in rows))
-                    ent = _rows_into(len(mb), width, *((part, e) for part, _, e in rows))
-                    aux = None
-                    m["skipped_backward"] = m.get("skipped_backward", 0.0) + len(rest)
+                    lp, ent, aux, tokens, _ = fused_out
+                else:
+                    lp, ent, aux, tokens, skipped = forward(mb, rows_mode, cfg.replay != "off", old=False)
+                    count_skipped(skipped)
                 computed += tokens
                 w_share = (int(train_mask[mb].sum()) / mini_tokens if cfg.agg == "token-mean" and cfg.loss == "ppo"
                            else 1.0 if cfg.agg == "token-sum-norm" and cfg.loss == "ppo" else len(mb) / len(mini))
