@@ -227,7 +227,8 @@ _LEARNER_DOCS: dict[str, str] = {
     "aux_loss_coef": "MoE load-balancing loss coefficient (on the replayed assignment)",
     "ema_decay": "Polyak averaging of the policy weights (null = off)",
     "publish": "which weights go to the engines: the policy or its EMA",
-    "device": "where the torch learner trains: cpu, cuda, cuda:N (batches, losses and metrics stay on the host)",
+    "device": "where the learner trains: cpu, cuda, cuda:N (batches, losses and metrics stay on the host); the "
+              "runtime reserves one GPU for a cuda learner (either backend) and trains on the GPU Ray assigns",
     "seed": "learner seed (mini-batch shuffling)",
 }
 _LEARNER_TYPES: dict[str, Any] = {"agg": Literal[AGG_MODES], "correction": Literal[CORRECTIONS]}
@@ -267,6 +268,9 @@ class _LearnerSpecBase(_Spec):
             raise _problem("agg_constant", "required when agg is 'token-sum-norm'")
         if self.publish == "ema" and self.ema_decay is None:
             raise _problem("ema_decay", "required when publish is 'ema'")
+        if self.backend == "megatron" and self.dtype == "bfloat16" and not self.device.startswith("cuda"):
+            raise _problem("device", "the megatron backend trains in bfloat16 only on a GPU: set learner.device: "
+                                     "cuda (or learner.dtype: float32 on CPU)")
         return self
 
     def to_learner_config(self) -> LearnerConfig:

@@ -4,6 +4,7 @@ expert / pipeline / tensor parallel forward (and backward) over two gloo process
 import copy
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -19,6 +20,10 @@ from agentrl.model.config import preset
 from agentrl.model.modeling import MoEForCausalLM
 from agentrl.routing import RoutingLayout, RoutingRows
 from agentrl.trajectory import Trajectory
+
+# AGENTRL_LEARNER_DEVICE=cuda runs every MegatronLearner of this file (and the runtime's) on a GPU, where
+# megatron-core builds on the GPU without the CPU shim; the references stay agentrl's model on the host
+DEVICE = os.environ.get("AGENTRL_LEARNER_DEVICE", "cpu")
 
 VARIANTS = {
     "qwen3-moe": preset("tiny-moe", initializer_range=0.08),
@@ -58,7 +63,7 @@ def test_weight_conversion_round_trip_is_exact(name):
     back = m.state_dict()
     assert back.keys() == sd.keys()
     for k in sd:
-        assert torch.equal(back[k], sd[k]), k
+        assert torch.equal(back[k].cpu(), sd[k]), k  # megatron builds on the GPU when there is one
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -85,8 +90,15 @@ def test_unsupported_variants_are_refused_clearly():
         McoreCausalLM(preset("tiny-moe", num_experts_per_tok=1))
     with pytest.raises(NotImplementedError, match="tensor x expert parallelism needs sequence parallelism"):
         McoreCausalLM(preset("tiny-moe"), McoreParallel(tensor=2, expert=2))
-    with pytest.raises(ValueError, match="bfloat16.*float32"):
-        MegatronLearner(MoEForCausalLM(preset("tiny-moe")), LearnerConfig(dtype="bfloat16"))
+    model = MoEForCausalLM(preset("tiny-moe"))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device=cpu, but this process sees a GPU"):
+            MegatronLearner(model, LearnerConfig(device="cpu"))
+    else:
+        with pytest.raises(ValueError, match="bfloat16.*float32"):
+            MegatronLearner(model, LearnerConfig(dtype="bfloat16"))
+        with pytest.raises(ValueError, match="device=cuda, but this process sees no GPU"):
+            MegatronLearner(model, LearnerConfig(device="cuda"))
 
 
 def random_rows(shape, num_experts, top_k, seed):
@@ -157,9 +169,9 @@ def trajectories(cfg, n=8, seed=0):
 
 def hf_grads(learner):
     if isinstance(learner, MegatronLearner):
-        grads = {n.removeprefix("gpt."): p.grad for n, p in learner.model.named_parameters()}
+        grads = {n.removeprefix("gpt."): p.grad.cpu() for n, p in learner.model.named_parameters()}
         return mcore_to_hf(grads, learner.model.config)
-    return {n: p.grad for n, p in learner.model.named_parameters()}
+    return {n: p.grad.cpu() for n, p in learner.model.named_parameters()}
 
 
 @pytest.mark.parametrize("replay,layout", [("R3", "packed"), ("R2", "padded"), ("off", "packed")])
@@ -168,7 +180,7 @@ def test_one_update_matches_the_torch_learner(replay, layout):
     trajs = trajectories(ours.config)
     kw = dict(replay=replay, layout=layout, lr=1e-3, micro_batch_tokens=48, aux_loss_coef=0.01, correction="tis")
     a = TorchLearner(copy.deepcopy(ours), LearnerConfig(**kw))
-    b = MegatronLearner(copy.deepcopy(ours), LearnerConfig(**kw))
+    b = MegatronLearner(copy.deepcopy(ours), LearnerConfig(**kw, device=DEVICE))
     ma, mb = a.train_step(trajs), b.train_step(trajs)
     assert b.version == a.version == 1
     for k in ("loss", "pg_loss", "aux_loss", "mismatch_kl", "corr_mean_weight", "routing_disagree_any", "entropy"):
@@ -193,7 +205,7 @@ def test_checkpoint_round_trip_restores_a_megatron_learner(tmp_path):
     from agentrl.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     model_dir = init_model("tiny-moe", tmp_path / "init", seed=0, initializer_range=0.08)
-    cfg = LearnerConfig(lr=1e-3, replay="R3", ema_decay=0.9)
+    cfg = LearnerConfig(lr=1e-3, replay="R3", ema_decay=0.9, device=DEVICE)
     a = MegatronLearner(load_pretrained(model_dir), cfg)
     a.train_step(trajectories(a.model.config))
     save_checkpoint(tmp_path / "ckpt", a, str(model_dir), {"step": 1})
@@ -209,10 +221,36 @@ def test_checkpoint_round_trip_restores_a_megatron_learner(tmp_path):
 def test_cpu_shim_is_idempotent():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    assert apply_cpu_shim() is True  # this machine has no GPU
+    cpu = not torch.cuda.is_available()  # with a GPU the shim does nothing
+    assert apply_cpu_shim() is cpu
     get_emb = RotaryEmbedding.get_emb
-    assert apply_cpu_shim() is True and RotaryEmbedding.get_emb is get_emb
+    assert apply_cpu_shim() is cpu and RotaryEmbedding.get_emb is get_emb
+    assert getattr(get_emb, "_agentrl_cpu_shim", False) == cpu
     assert not hasattr(torch.cuda.current_device, "__wrapped__")  # only patched for the duration of a call
+
+
+def test_router_gating_backward_works_under_bf16_autocast():
+    """megatron's RouterGatingLinearFunction under the learner's bf16 autocast (shim item 8): without the
+    fix its forward returns bf16 and its backward raises a dtype error. Gradients against float64."""
+    from megatron.core.transformer.moe import router
+
+    apply_cpu_shim()
+    device = "cuda" if DEVICE.startswith("cuda") else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 16, generator=gen).to(device).requires_grad_()
+    w = torch.randn(8, 16, generator=gen).to(device).requires_grad_()
+    up = torch.randn(6, 8, generator=gen).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):  # the forward under autocast, as the learner runs it
+        logits = router.router_gating_linear(x, w, None, x.dtype)
+        loss = (logits * up).sum()
+    loss.backward()
+    assert logits.dtype == torch.float32  # the router's dtype (its input's), not autocast's
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = x64 @ w64.T
+    (ref * up.double()).sum().backward()
+    torch.testing.assert_close(logits.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_runtime_trains_with_the_megatron_backend(tmp_path):
@@ -227,7 +265,7 @@ def test_runtime_trains_with_the_megatron_backend(tmp_path):
         "env": {"id": "calculator-v0", "kwargs": {"compact": True, "digits": 2, "word_problems": False}},
         "warmup": None,
         "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 16, "max_total_tokens": 512},
-        "learner": {"backend": "megatron", "lr": 1e-4, "replay": "R3"},
+        "learner": {"backend": "megatron", "lr": 1e-4, "replay": "R3", "device": DEVICE},
         "runtime": {"mode": "sync", "steps": 2, "checkpoint_every": 2, "eval_every": 0},
         "eval": {"episodes": 2},
         "output": {"dir": str(tmp_path / "runs"), "console": "quiet", "tensorboard": False, "plots": False},
@@ -289,7 +327,9 @@ def _parallel_worker(rank: int, port: int, out_dir: str, kind: str) -> None:
     dist.destroy_process_group()
 
 
-def run_two_processes(tmp_path, kind):
+def spawn_two(worker, tmp_path, *args):
+    """Two CPU processes (GPUs hidden: these tests check megatron's slicing over gloo, and two ranks
+    cannot share one GPU) running worker(rank, port, tmp_path, *args); their rank{0,1}.pt results."""
     import socket
 
     import torch.multiprocessing as mp
@@ -297,8 +337,20 @@ def run_two_processes(tmp_path, kind):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_parallel_worker, args=(port, str(tmp_path), kind), nprocs=2)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read by the spawned children at start
+    try:
+        mp.spawn(worker, args=(port, str(tmp_path), *args), nprocs=2)
+    finally:
+        if visible is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+def run_two_processes(tmp_path, kind):
+    return spawn_two(_parallel_worker, tmp_path, kind)
 
 
 def test_expert_parallel_over_two_gloo_processes(tmp_path):
@@ -382,15 +434,7 @@ def _tensor_parallel_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_tensor_parallel_over_two_gloo_processes(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_tensor_parallel_worker, args=(port, str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    ranks = spawn_two(_tensor_parallel_worker, tmp_path)
     for name, cfg in VARIANTS.items():
         for r in ranks:
             r = r[name]

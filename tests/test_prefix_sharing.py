@@ -6,6 +6,7 @@ unpacked causal sequence, its own routing rows), in float64.
 
 import copy
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -291,7 +292,9 @@ def test_megatron_learner_never_shares_and_matches_the_sharing_torch_learner():
     model, trajs = MoEForCausalLM(CFG).init_weights(0), trajectories()
     kw = dict(replay="R3", lr=1e-3, correction="tis")
     torch_l = TorchLearner(copy.deepcopy(model), LearnerConfig(**kw))
-    mcore_l = MegatronLearner(copy.deepcopy(model), LearnerConfig(**kw))
+    # AGENTRL_LEARNER_DEVICE=cuda: megatron-core on the GPU (it refuses device=cpu where it sees one)
+    device = os.environ.get("AGENTRL_LEARNER_DEVICE", "cpu")
+    mcore_l = MegatronLearner(copy.deepcopy(model), LearnerConfig(**kw, device=device))
     assert torch_l.cfg.share_prefix and mcore_l.cfg.share_prefix  # the default; megatron ignores it
     mt, mm = torch_l.train_step(trajs), mcore_l.train_step(trajs)
     assert mm["computed_tokens"] == mm["batch_tokens"] > mt["computed_tokens"]

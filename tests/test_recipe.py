@@ -52,6 +52,14 @@ def test_gpu_recipes():
     assert (one.learner.correction, one.learner.mini_batches, one.learner.lr) == ("tis", 4, 1e-6)
     multi = load_recipe(QUICKSTART.with_name("qwen3_30b_a3b_r3_multinode.yaml"))
     assert (multi.engine.num_engines, multi.runtime.address) == (4, "auto")
+    assert one.learner.device == multi.learner.device == "cuda"  # the runtime reserves the learner a GPU
+
+
+def test_megatron_bf16_needs_a_gpu_learner():
+    probs, text = problems({**MINIMAL, "learner": {"backend": "megatron", "dtype": "bfloat16"}})
+    assert any(p.startswith("learner.device:") and "only on a GPU" in p for p in probs), probs
+    parse_recipe({**MINIMAL, "learner": {"backend": "megatron", "dtype": "bfloat16", "device": "cuda"}})
+    parse_recipe({**MINIMAL, "learner": {"backend": "torch", "dtype": "bfloat16"}})  # torch autocasts on CPU
 
 
 @pytest.mark.parametrize("data, path", [

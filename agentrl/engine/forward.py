@@ -73,7 +73,8 @@ def _attend(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, g: _Gro
         # one query per sequence: the nh / nkv query heads sharing a KV head attend as that head's
         # queries (no GQA expansion of K/V); mask [B, 1, 1, Lmax] hides each row's padding
         qb = (q if g.tok is None else q.index_select(0, g.tok)).view(b, nkv, nh // nkv, d)
-        return F.scaled_dot_product_attention(qb, k, v, attn_mask=g.mask).view(b, nh, d)
+        # reshape: CUDA's SDPA kernels return a non-contiguous output (on CPU this is a view)
+        return F.scaled_dot_product_attention(qb, k, v, attn_mask=g.mask).reshape(b, nh, d)
     qb = q.index_select(0, g.qidx.reshape(-1)).view(b, -1, nh, d).transpose(1, 2)  # [B, nh, nmax, D]
     out = F.scaled_dot_product_attention(qb, k, v, attn_mask=g.mask, enable_gqa=True)
     return out.transpose(1, 2)[g.qvalid]  # [Nq, nh, D]

@@ -1,12 +1,12 @@
-"""CPU compatibility shim for megatron-core 0.16.1 (pinned in pyproject.toml), applied only without a GPU.
+"""Compatibility shim for megatron-core 0.16.1 (pinned in pyproject.toml): CPU patches, applied only
+without a GPU, and two fixes for megatron-core without Transformer Engine, applied everywhere.
 
 Owns: `apply_cpu_shim()`, which patches the few places where megatron-core hard-codes CUDA so that
 a GPTModel built from the local (no Transformer Engine / Apex) spec runs forward, backward and
-AdamW on CPU with a gloo process group. Does not own: model building or training
-(agentrl/learner/mcore/). With a GPU present it does nothing at all, so nothing here can leak into a
-real run.
+AdamW on CPU with a gloo process group, and always applies `_fix_without_te()`. Does not own: model
+building or training (agentrl/learner/mcore/). With a GPU present only items 7 and 8 apply.
 
-The upstream lines it works around (megatron/core/..., version 0.16.1):
+The upstream lines it works around (megatron/core/..., version 0.16.1); CPU only:
   1. models/common/embeddings/rotary_pos_embedding.py:162  `RotaryEmbedding.get_emb` moves
      `inv_freq` to `torch.cuda.current_device()`;
   2. transformer/moe/router.py:90-92  `Router.gating` moves the router weight / bias to
@@ -24,8 +24,14 @@ The upstream lines it works around (megatron/core/..., version 0.16.1):
   6. tensor_parallel/random.py:250  `CudaRNGStatesTracker.fork` (used around attention dropout in
      transformer/dot_product_attention.py) reads the CUDA RNG state: the tracker is re-created as
      megatron's own inference tracker, whose `fork` is a no-op (dropout is 0 in our configs);
+CPU and GPU (found on a lent H100, where items 1-6 do not apply):
   7. transformer/moe/moe_utils.py:1192  `router_gating_linear` reads the name `te_general_gemm`,
-     which is only bound when Transformer Engine imports: it is bound to None.
+     which is only bound when Transformer Engine imports: it is bound to None;
+  8. moe_utils.py:1196/1235  `RouterGatingLinearFunction` (a custom autograd function) computes its
+     forward `mm` under the caller's `torch.autocast`, so it returns bfloat16, and its backward
+     multiplies that bfloat16 gradient with the `router_dtype` weight: a dtype error in every bf16
+     (autocast) backward. router.py:100 calls it with autocast off, so the router computes in its
+     `router_dtype` (the input's dtype: float32 under our autocast), as megatron intends.
 """
 
 from __future__ import annotations
@@ -63,9 +69,10 @@ def _causal_mask_cpu(sq: int) -> torch.Tensor:
 
 
 def apply_cpu_shim() -> bool:
-    """Patch megatron-core for CPU if (and only if) no GPU is available. Idempotent.
-    Returns True when the shim is active."""
+    """Patch megatron-core for CPU if (and only if) no GPU is available, and fix items 7-8 of the
+    module docstring in any case. Idempotent. Returns True when the CPU patches are active."""
     global _applied
+    _fix_without_te()
     if torch.cuda.is_available():
         return False
     if _applied:
@@ -86,7 +93,25 @@ def apply_cpu_shim() -> bool:
             setattr(owner, name, _on_cpu(fn))
     fused_softmax.get_default_causal_mask = _causal_mask_cpu
     mcore_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
     _applied = True
     return True
+
+
+def _fix_without_te() -> None:
+    """Items 7 and 8 of the module docstring. Idempotent."""
+    from megatron.core.transformer.moe import moe_utils, router
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    if not getattr(router.router_gating_linear, "_agentrl_no_autocast", False):
+        router.router_gating_linear = _outside_autocast(router.router_gating_linear)
+
+
+def _outside_autocast(fn):
+    @functools.wraps(fn)
+    def wrapper(inp, *args, **kwargs):
+        with torch.autocast(inp.device.type, enabled=False):
+            return fn(inp, *args, **kwargs)
+
+    wrapper._agentrl_no_autocast = True
+    return wrapper

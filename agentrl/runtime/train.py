@@ -121,10 +121,12 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     workers = [Worker.options(name=f"{tag}:worker:{i}").remote(
         model_dir, recipe.env.id, recipe.env.kwargs, engines, layout, ro.simulated_tool_latency)
         for i in range(ro.workers)]
-    gpu = 1 if recipe.learner.device.startswith("cuda") and recipe.learner.backend == "torch" else 0
+    learner_cfg = recipe.learner.to_learner_config()
+    gpu = 1 if learner_cfg.device.startswith("cuda") else 0  # both backends; Ray picks the GPU
+    if gpu:
+        learner_cfg.device = "cuda"  # the actor sees only the GPU Ray gave it, as cuda:0
     learner = Learner.options(name=f"{tag}:learner", num_gpus=gpu).remote(
-        model_dir, recipe.learner.to_learner_config(), str(weights_dir), 1 if rt.mode == "async" else 0, recipe.seed,
-        recipe.learner.backend)
+        model_dir, learner_cfg, str(weights_dir), 1 if rt.mode == "async" else 0, recipe.seed, recipe.learner.backend)
 
     # ---- controller state (checkpointed)
     state = {"step": 0, "next_group": 0, "trained_groups": [], "samples": 0}

@@ -37,7 +37,15 @@ class MegatronLearner(TorchLearner):
             raise NotImplementedError("MegatronLearner runs world size 1; tensor / expert / pipeline parallel "
                                       "training is not implemented (see README, megatron-core backend)")
         self.cfg = cfg or LearnerConfig()
-        if self.cfg.dtype == "bfloat16" and not torch.cuda.is_available():
+        gpu = torch.cuda.is_available()
+        if self.cfg.device.startswith("cuda") and not gpu:
+            raise ValueError(f"learner.device={self.cfg.device}, but this process sees no GPU")
+        if self.cfg.device == "cpu" and gpu:  # megatron-core builds on the current GPU whenever one is visible
+            raise ValueError("learner.device=cpu, but this process sees a GPU, where megatron-core would build the "
+                             "model: set learner.device=cuda, or hide the GPUs (CUDA_VISIBLE_DEVICES=)")
+        if gpu and torch.device(self.cfg.device).index is not None:  # cuda:N; plain cuda = the current GPU
+            torch.cuda.set_device(torch.device(self.cfg.device))
+        if self.cfg.dtype == "bfloat16" and not gpu:
             raise ValueError("dtype=bfloat16 is not supported by the megatron-core backend on CPU: its linear layers "
                              "register autocast for CUDA only (megatron/core/tensor_parallel/layers.py:68), so a CPU "
                              "autocast backward mixes dtypes; use dtype=float32 (or learner.backend=torch)")

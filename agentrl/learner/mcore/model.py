@@ -150,6 +150,10 @@ def init_parallel(parallel: McoreParallel = McoreParallel()) -> None:
                                              pipeline_model_parallel_size=parallel.pipeline,
                                              expert_model_parallel_size=parallel.expert,
                                              expert_tensor_parallel_size=1)
+    if torch.cuda.is_available():  # megatron's attention forks the tracker's "model-parallel-rng" on a GPU
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(0)  # dropout is 0 and weights are loaded: never drawn
 
 
 def build_gpt(cfg: MoEConfig, parallel: McoreParallel = McoreParallel()):
@@ -177,6 +181,8 @@ def build_gpt(cfg: MoEConfig, parallel: McoreParallel = McoreParallel()):
     # each router registered a RouterReplay in megatron's process-wide list; replay.py drives the
     # instances of this model directly, so the global list must not keep them (or this model) alive
     del RouterReplay.global_router_replay_instances[before:]
+    if torch.cuda.is_available():  # megatron builds its own layers on the GPU, torch.nn norms on the host
+        gpt.cuda(torch.cuda.current_device())
     return gpt
 
 
