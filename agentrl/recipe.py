@@ -148,7 +148,8 @@ class EngineSpec(_Spec):
                                                      "its own torch, so it usually lives in its own venv)")
     sglang_args: list[str] = Field(default_factory=list,
                                    description="extra sglang.launch_server flags, passed through verbatim")
-    num_gpus_per_engine: float = Field(0, ge=0, description="GPUs Ray reserves for each engine (0 on CPU)")
+    num_gpus_per_engine: float = Field(0, ge=0, description="GPUs Ray reserves for each engine actor (backend "
+                                                            "sglang: its server runs on them; 0 on CPU)")
 
     @field_validator("sglang_args", mode="before")
     @classmethod
@@ -164,7 +165,24 @@ class EngineSpec(_Spec):
             raise _problem("url", "required when backend is 'http'")
         if self.backend != "http" and self.url is not None:
             raise _problem("url", f"only used with backend 'http' (backend is {self.backend!r})")
+        if self.backend != "sglang" and self.num_gpus_per_engine > 0:
+            raise _problem("num_gpus_per_engine", f"only used with backend 'sglang' (the runtime's embedded engine "
+                                                  f"runs on the CPU; an 'http' server brings its own GPUs)")
+        tp = _flag_value(self.sglang_args, "--tp-size", "--tensor-parallel-size")  # SGLang's flag and its alias
+        if self.backend == "sglang" and tp and tp.isdigit() and self.num_gpus_per_engine < int(tp):
+            raise _problem("num_gpus_per_engine", f"is {self.num_gpus_per_engine:g}, but sglang_args ask for "
+                                                  f"--tp-size {tp}: Ray must reserve at least {tp} GPUs per engine")
         return self
+
+
+def _flag_value(args: list[str], *names: str) -> str | None:
+    """The value of the last of `names` in a flag list (`--tp-size 4` or `--tp-size=4`), else None."""
+    value = None
+    for i, a in enumerate(args):
+        flag, eq, inline = a.partition("=")
+        if flag in names:
+            value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return value
 
 
 # -------------------------------------------------------------------------------------- rollout

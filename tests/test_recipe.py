@@ -55,6 +55,16 @@ def test_gpu_recipes():
     assert one.learner.device == multi.learner.device == "cuda"  # the runtime reserves the learner a GPU
 
 
+def test_engine_gpus_match_the_backend_and_sglang_tensor_parallelism():
+    sglang = {"backend": "sglang", "sglang_args": ["--tp-size", "4"]}
+    for engine, fragment in [({"num_gpus_per_engine": 1}, "only used with backend 'sglang'"),
+                             ({**sglang, "num_gpus_per_engine": 2}, "--tp-size 4"),
+                             ({**sglang, "sglang_args": ["--tensor-parallel-size=2"]}, "--tp-size 2")]:
+        probs, _ = problems({**MINIMAL, "engine": engine})
+        assert any(p.startswith("engine.num_gpus_per_engine:") and fragment in p for p in probs), probs
+    assert parse_recipe({**MINIMAL, "engine": {**sglang, "num_gpus_per_engine": 4}}).engine.num_gpus_per_engine == 4
+
+
 def test_megatron_bf16_needs_a_gpu_learner():
     probs, text = problems({**MINIMAL, "learner": {"backend": "megatron", "dtype": "bfloat16"}})
     assert any(p.startswith("learner.device:") and "only on a GPU" in p for p in probs), probs

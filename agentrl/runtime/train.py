@@ -114,18 +114,24 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     if need > have:
         raise RuntimeError(f"the Ray cluster has {have:g} CPUs; {e.num_engines} engine(s) + the learner need {need}. "
                            "Lower engine.num_engines or give Ray more CPUs (runtime.num_cpus / ray start --num-cpus).")
+    learner_gpus = 1 if recipe.learner.device.startswith("cuda") else 0
+    need_gpus = e.num_engines * e.num_gpus_per_engine + learner_gpus
+    have_gpus = ray.cluster_resources().get("GPU", 0)
+    if need_gpus > have_gpus:  # Ray would leave the actors pending forever
+        raise RuntimeError(f"the Ray cluster has {have_gpus:g} GPUs; {e.num_engines} engine(s) x "
+                           f"engine.num_gpus_per_engine={e.num_gpus_per_engine:g} + {learner_gpus} for the learner "
+                           f"(learner.device={recipe.learner.device}) need {need_gpus:g}.")
     tag = f"agentrl:{recipe.name}:{os.getpid()}:{time.time_ns()}"  # actor names: findable, never reused
-    engines = [Engine.options(name=f"{tag}:engine:{i}").remote(
+    engines = [Engine.options(name=f"{tag}:engine:{i}", num_gpus=e.num_gpus_per_engine).remote(
         model_dir, str(weights_dir), e.backend, e.dtype, e.max_total_tokens, e.chunk_size, e.url, e.sglang_python,
         e.sglang_args, 30000 + i) for i in range(e.num_engines)]
     workers = [Worker.options(name=f"{tag}:worker:{i}").remote(
         model_dir, recipe.env.id, recipe.env.kwargs, engines, layout, ro.simulated_tool_latency)
         for i in range(ro.workers)]
     learner_cfg = recipe.learner.to_learner_config()
-    gpu = 1 if learner_cfg.device.startswith("cuda") else 0  # both backends; Ray picks the GPU
-    if gpu:
+    if learner_gpus:  # both backends; Ray picks the GPU
         learner_cfg.device = "cuda"  # the actor sees only the GPU Ray gave it, as cuda:0
-    learner = Learner.options(name=f"{tag}:learner", num_gpus=gpu).remote(
+    learner = Learner.options(name=f"{tag}:learner", num_gpus=learner_gpus).remote(
         model_dir, learner_cfg, str(weights_dir), 1 if rt.mode == "async" else 0, recipe.seed, recipe.learner.backend)
 
     # ---- controller state (checkpointed)
