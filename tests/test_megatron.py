@@ -349,12 +349,8 @@ def spawn_two(worker, tmp_path, *args):
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
 
 
-def run_two_processes(tmp_path, kind):
-    return spawn_two(_parallel_worker, tmp_path, kind)
-
-
 def test_expert_parallel_over_two_gloo_processes(tmp_path):
-    for r in run_two_processes(tmp_path, "expert"):
+    for r in spawn_two(_parallel_worker, tmp_path, "expert"):
         assert r["local_experts"] == 4 * 4  # 4 MoE layers x 4 local experts
         assert r["round_trip"]  # sharded on load, gathered again by state_dict()
         assert torch.equal(r["used"], r["rows"])  # R3 rows are global expert ids: no slicing under EP
@@ -363,7 +359,7 @@ def test_expert_parallel_over_two_gloo_processes(tmp_path):
 
 
 def test_pipeline_parallel_over_two_gloo_processes(tmp_path):
-    first, last = run_two_processes(tmp_path, "pipeline")
+    first, last = spawn_two(_parallel_worker, tmp_path, "pipeline")
     assert first["local_layers"] == last["local_layers"] == [0, 1]  # local numbers on each stage
     assert first["round_trip"] and last["round_trip"]
     assert first["columns"] == [0, 1] and last["columns"] == [2, 3]  # the MoE layers each stage owns

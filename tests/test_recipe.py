@@ -66,7 +66,7 @@ def test_engine_gpus_match_the_backend_and_sglang_tensor_parallelism():
 
 
 def test_megatron_bf16_needs_a_gpu_learner():
-    probs, text = problems({**MINIMAL, "learner": {"backend": "megatron", "dtype": "bfloat16"}})
+    probs, _ = problems({**MINIMAL, "learner": {"backend": "megatron", "dtype": "bfloat16"}})
     assert any(p.startswith("learner.device:") and "only on a GPU" in p for p in probs), probs
     parse_recipe({**MINIMAL, "learner": {"backend": "megatron", "dtype": "bfloat16", "device": "cuda"}})
     parse_recipe({**MINIMAL, "learner": {"backend": "torch", "dtype": "bfloat16"}})  # torch autocasts on CPU

@@ -53,6 +53,7 @@ def test_gpus_the_cluster_lacks_are_a_clear_error_not_a_pending_actor(tmp_path):
     """Ray would leave an actor whose GPUs the cluster lacks pending forever: the run refuses to start."""
     path = recipe_file(tmp_path, "no-gpus", warmup=None, learner={"device": "cuda"},
                        engine={"backend": "sglang", "num_gpus_per_engine": 1000})
+
     def hung(*_):  # without the check, train() would wait forever (SIGALRM: no thread, Ray stays on this one)
         raise TimeoutError("train() neither failed nor returned")
 

@@ -109,14 +109,15 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     weights_dir = run / "weights"
     weights_dir.mkdir(exist_ok=True)
     e = recipe.engine
+    resources = ray.cluster_resources()
     need = e.num_engines + 1  # engines and the learner compute; rollout workers are I/O (num_cpus=0)
-    have = ray.cluster_resources().get("CPU", 0)
+    have = resources.get("CPU", 0)
     if need > have:
         raise RuntimeError(f"the Ray cluster has {have:g} CPUs; {e.num_engines} engine(s) + the learner need {need}. "
                            "Lower engine.num_engines or give Ray more CPUs (runtime.num_cpus / ray start --num-cpus).")
     learner_gpus = 1 if recipe.learner.device.startswith("cuda") else 0
     need_gpus = e.num_engines * e.num_gpus_per_engine + learner_gpus
-    have_gpus = ray.cluster_resources().get("GPU", 0)
+    have_gpus = resources.get("GPU", 0)
     if need_gpus > have_gpus:  # Ray would leave the actors pending forever
         raise RuntimeError(f"the Ray cluster has {have_gpus:g} GPUs; {e.num_engines} engine(s) x "
                            f"engine.num_gpus_per_engine={e.num_gpus_per_engine:g} + {learner_gpus} for the learner "
