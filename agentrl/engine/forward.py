@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from agentrl.engine.memory import SlotPool
+from agentrl.model.gemm import linear
 from agentrl.model.modeling import MoEForCausalLM, apply_rope, rope_cos_sin
 
 
@@ -117,7 +118,7 @@ def paged_forward(model: MoEForCausalLM, pool: SlotPool, segs: list[Segment], ca
     with _attention_kernels(device):
         x = _layers(model, weights, pool, x, cos, sin, new_slots_dev, groups)
     last = torch.tensor([offsets[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits], dtype=torch.long)
-    logits = model.lm_head(model.model.norm(x.index_select(0, last.to(device)))).float().cpu()
+    logits = linear(model.model.norm(x.index_select(0, last.to(device))), model.lm_head.weight).float().cpu()
     hook = model.routing_replay
     rows = hook.selected_rows().cpu() if hook is not None and capture else None
     return logits, rows, new_slots
@@ -141,7 +142,7 @@ def _layers(model: MoEForCausalLM, weights: StepWeights, pool: SlotPool, x, cos,
     t = x.shape[0]
     for li, layer in enumerate(model.model.layers):
         attn = layer.self_attn
-        qkv = F.linear(layer.input_layernorm(x), weights.qkv[li]).view(t, nh + 2 * nkv, d)
+        qkv = linear(layer.input_layernorm(x), weights.qkv[li]).view(t, nh + 2 * nkv, d)
         qk = torch.cat((attn.q_norm(qkv[:, :nh]), attn.k_norm(qkv[:, nh:nh + nkv])), dim=1)
         qk = apply_rope(qk, cos, sin)  # q and k together: [T, nh + nkv, D] with cos / sin [T, D]
         q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
@@ -153,6 +154,6 @@ def _layers(model: MoEForCausalLM, weights: StepWeights, pool: SlotPool, x, cos,
             out = torch.empty(t, nh, d, dtype=q.dtype, device=x.device)  # [T, nh, D]
             for g in groups:
                 out.index_copy_(0, g.tok, _attend(q, pool.k[li], pool.v[li], g))
-        x = x + attn.o_proj(out.reshape(t, nh * d))
+        x = x + linear(out.reshape(t, nh * d), attn.o_proj.weight)
         x = x + layer.mlp(layer.post_attention_layernorm(x)[None])[0]
     return x

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agentrl.model.config import MoEConfig
+from agentrl.model.gemm import linear
 from agentrl.model.replay import RoutingReplay
 
 
@@ -77,16 +78,16 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, S, H] -> q [B, nh, S, D], k and v [B, nkv, S, D], RoPE applied."""
         b, s, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, s, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, s, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_norm(linear(x, self.q_proj.weight).view(b, s, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(linear(x, self.k_proj.weight).view(b, s, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = linear(x, self.v_proj.weight).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = self.qkv(x, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         b, _, s, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return linear(out.transpose(1, 2).reshape(b, s, -1), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -99,7 +100,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight), self.down_proj.weight)
 
 
 class Experts(nn.Module):
@@ -125,8 +126,8 @@ class Experts(nn.Module):
         for e, chunk in enumerate(torch.split(xs, counts)):
             if chunk.shape[0] == 0:
                 continue
-            g, u = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(g) * u, down[e]))
+            g, u = linear(chunk, gate_up[e]).chunk(2, dim=-1)
+            outs.append(linear(F.silu(g) * u, down[e]))
         y = torch.cat(outs) * gates.reshape(-1).index_select(0, order)[:, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 
@@ -157,7 +158,7 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
         flat = x.reshape(-1, h)
-        logits = F.linear(flat, self.gate.weight)
+        logits = linear(flat, self.gate.weight)
         ids, gates = self._replay[0].route(
             self.moe_index, logits, self.cfg.router_scoring, self.cfg.norm_topk_prob,
             self.gate.e_score_correction_bias, self.cfg.routed_scaling_factor,
@@ -319,7 +320,7 @@ class MoEForCausalLM(nn.Module):
             x = layer(x, cos, sin, mask)
         if logits_index is not None:
             x = x.reshape(-1, x.shape[-1])[logits_index]
-        logits = self.lm_head(self.model.norm(x))
+        logits = linear(self.model.norm(x), self.lm_head.weight)
         aux = None
         if return_aux_loss and hook is not None:
             weights = token_weights if token_weights is not None else attention_mask
