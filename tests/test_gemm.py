@@ -16,9 +16,15 @@ def assert_fp32_close(got: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=4e-6 * ref.abs().max().item())
 
 
+@pytest.fixture(autouse=True)
+def onednn_on(monkeypatch):
+    """The path is opt-in (AGENTRL_CPU_GEMM=onednn); these tests turn it on in this process."""
+    assert gemm.AVAILABLE, "torch.ops.mkldnn._linear_pointwise is missing from this torch build"
+    monkeypatch.setattr(gemm, "ENABLED", True)
+
+
 def test_this_machine_takes_the_onednn_path():
     # the tests below would otherwise only check F.linear against itself
-    assert gemm.ENABLED, "torch.ops.mkldnn._linear_pointwise is missing from this torch build"
     assert gemm.use_onednn(torch.zeros(200, 128), torch.zeros(512, 128))
 
 
@@ -83,12 +89,17 @@ def test_what_stays_on_f_linear():
     assert torch.equal(gemm.linear(small, w32), F.linear(small, w32))
 
 
-def test_env_var_turns_the_path_off():
+def test_env_var_chooses_the_path_and_the_default_is_f_linear():
     code = "from agentrl.model import gemm; import torch; print(gemm.ENABLED, gemm.use_onednn(torch.zeros(999, 128), torch.zeros(512, 128)))"
-    env = {**os.environ, "AGENTRL_CPU_GEMM": "torch"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
-    bad = subprocess.run([sys.executable, "-c", code], env={**env, "AGENTRL_CPU_GEMM": "mkl2"}, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "AGENTRL_CPU_GEMM"}
+
+    def run(**extra):
+        return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
+
+    assert run().stdout.split() == ["False", "False"]
+    assert run(AGENTRL_CPU_GEMM="torch").stdout.split() == ["False", "False"]
+    assert run(AGENTRL_CPU_GEMM="onednn").stdout.split() == ["True", "True"]
+    bad = run(AGENTRL_CPU_GEMM="mkl2")
     assert bad.returncode != 0 and "AGENTRL_CPU_GEMM" in bad.stderr
 
 

@@ -1,10 +1,10 @@
-"""`linear(x, w) = x @ w.T` for the model's float32 matrices on CPU, through oneDNN when that is faster.
+"""`linear(x, w) = x @ w.T` for the model's float32 matrices on CPU, optionally through oneDNN (faster here).
 
 Owns: the choice of GEMM library for the model's projections (attention, experts, router, LM head) in
 the learner and the engine. PyTorch sends a float32 `F.linear` on CPU to MKL, and MKL runs its AVX2
 kernels on AMD processors (its AVX-512 ones are Intel-only): ~100 GFLOP/s on one core of this
 project's 2-core AMD EPYC, where oneDNN's AVX-512 kernels (PyTorch's `mkldnn` ops, built into every
-CPU wheel) reach ~210 (`python benchmarks/gemm.py`). So a large enough float32 product on CPU runs
+CPU wheel) reach ~210 (`python benchmarks/gemm.py`). With the path on, a large float32 product on CPU runs
 as `torch.ops.mkldnn._linear_pointwise`, in the forward and in both GEMMs of the backward:
 
     y  = x W^T          (forward)
@@ -20,7 +20,14 @@ oneDNN compiles a kernel for every new shape (~0.5 ms), and the number of rows M
 batch (tokens per expert, sequences per step). So the forward rounds M up to one of 8 sizes per
 octave (at most 12.5% more rows of x, zero-filled and cut off again), the backward runs the largest
 such size on oneDNN and the remaining rows on MKL (no copy of the wide dy), and oneDNN's kernel
-cache is raised from 1,024 to 4,096 shapes; a long run then compiles a few hundred kernels once. `AGENTRL_CPU_GEMM=torch` turns the path off (the env var is read at import).
+cache is raised from 1,024 to 4,096 shapes; a long run then compiles a few hundred kernels once.
+
+Opt-in: `AGENTRL_CPU_GEMM=onednn` (read at import; Ray actors inherit it from the driver). The default
+stays `torch` (F.linear) because the quickstart's outcome moved with it: its supervised warm-up, the
+same arithmetic in another summation order, ended at a different model (loss 0.031 vs 0.056 after 600
+steps, 151 s vs 183 s), from which RL did not improve in two runs (greedy 0.61 -> 0.02 and 0.61 ->
+0.58), while the RL phase alone on oneDNN from the default warm-up's model learned as usual (0.58 ->
+0.88). A recipe that learns only from some warm-ups is the thing to fix before this can be the default.
 Does not own: the model (modeling.py), which calls `linear` for its bias-free projections.
 """
 
@@ -36,11 +43,12 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "4096")
 
 MIN_MACS = 1 << 21  # M * K * N below this: F.linear (MKL) is as fast or faster (oneDNN's fixed cost)
 MIN_MACS_GRAD = 1 << 22  # the same with autograd (three GEMMs, and the Function's own cost)
-_BACKEND = os.environ.get("AGENTRL_CPU_GEMM", "onednn")
+_BACKEND = os.environ.get("AGENTRL_CPU_GEMM", "torch")
 if _BACKEND not in ("onednn", "torch"):
-    raise ValueError(f"AGENTRL_CPU_GEMM={_BACKEND!r}: use 'onednn' (default) or 'torch'")
+    raise ValueError(f"AGENTRL_CPU_GEMM={_BACKEND!r}: use 'torch' (default) or 'onednn'")
 _op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-ENABLED = _BACKEND == "onednn" and _op is not None
+AVAILABLE = _op is not None  # this torch build has oneDNN's linear op
+ENABLED = _BACKEND == "onednn" and AVAILABLE
 
 
 def bucket(m: int) -> int:
