@@ -79,7 +79,7 @@ def steps_table(rounds: int) -> None:
     for r in range(rounds + 2):
         batch = grpo_batch(cfg, layout, 8, 8, 40, 16, seed=r)
         for mode in (("torch", "onednn") if r % 2 == 0 else ("onednn", "torch")):
-            gemm.ENABLED = mode == "onednn"
+            gemm.enable(mode == "onednn")
             t0 = time.perf_counter()
             learner.train_step(batch)
             t1 = time.perf_counter()
@@ -103,7 +103,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not gemm.AVAILABLE:
         sys.exit("this torch build lacks oneDNN's linear op (torch.ops.mkldnn._linear_pointwise)")
-    gemm.ENABLED = True  # compared side by side whatever AGENTRL_CPU_GEMM says
+    gemm.enable()  # compared side by side whatever AGENTRL_CPU_GEMM says
     print(f"{args.threads} thread(s); ratio = oneDNN / F.linear time (below 1: oneDNN faster)\n")
     shapes_table(args.reps)
     steps_table(args.rounds)

@@ -90,7 +90,8 @@ def test_what_stays_on_f_linear():
 
 
 def test_env_var_chooses_the_path_and_the_default_is_f_linear():
-    code = "from agentrl.model import gemm; import torch; print(gemm.ENABLED, gemm.use_onednn(torch.zeros(999, 128), torch.zeros(512, 128)))"
+    code = ("from agentrl.model import gemm; import torch; "
+            "print(gemm.ENABLED, gemm.use_onednn(torch.zeros(999, 128), torch.zeros(512, 128)))")
     env = {k: v for k, v in os.environ.items() if k != "AGENTRL_CPU_GEMM"}
 
     def run(**extra):
@@ -103,7 +104,7 @@ def test_env_var_chooses_the_path_and_the_default_is_f_linear():
     assert bad.returncode != 0 and "AGENTRL_CPU_GEMM" in bad.stderr
 
 
-def test_model_training_step_matches_float64():
+def test_model_training_step_matches_float64(monkeypatch):
     """A whole forward + backward of the MoE model (attention, router, experts, LM head on the oneDNN
     path where large enough) against the same model in float64 (which stays on F.linear)."""
     cfg = preset("tiny-moe")
@@ -112,13 +113,10 @@ def test_model_training_step_matches_float64():
     ids = torch.randint(9, cfg.vocab_size, (4, 120), generator=torch.Generator().manual_seed(1))
     calls = []
     real = gemm._mm_t
-    gemm._mm_t = lambda a, b: calls.append(a.shape) or real(a, b)
-    try:
-        out32 = m32(ids)
-        rows = m32.routing_replay.selected_rows()
-        out32.logits.float().logsumexp(-1).sum().backward()
-    finally:
-        gemm._mm_t = real
+    monkeypatch.setattr(gemm, "_mm_t", lambda a, b: calls.append(a.shape) or real(a, b))
+    out32 = m32(ids)
+    rows = m32.routing_replay.selected_rows()
+    out32.logits.logsumexp(-1).sum().backward()
     assert len(calls) > 3 * cfg.num_hidden_layers  # forward and backward GEMMs went through oneDNN
     out64 = m64(ids, routing=rows.view(4, 120, *rows.shape[1:]))  # the same experts, so the sums compare
     out64.logits.logsumexp(-1).sum().backward()

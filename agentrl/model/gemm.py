@@ -20,14 +20,12 @@ oneDNN compiles a kernel for every new shape (~0.5 ms), and the number of rows M
 batch (tokens per expert, sequences per step). So the forward rounds M up to one of 8 sizes per
 octave (at most 12.5% more rows of x, zero-filled and cut off again), the backward runs the largest
 such size on oneDNN and the remaining rows on MKL (no copy of the wide dy), and oneDNN's kernel
-cache is raised from 1,024 to 4,096 shapes; a long run then compiles a few hundred kernels once.
+cache is raised from 1,024 to 4,096 shapes (when the path is on); a long run then compiles a few
+hundred kernels once.
 
 Opt-in: `AGENTRL_CPU_GEMM=onednn` (read at import; Ray actors inherit it from the driver). The default
-stays `torch` (F.linear) because the quickstart's outcome moved with it: its supervised warm-up, the
-same arithmetic in another summation order, ended at a different model (loss 0.031 vs 0.056 after 600
-steps, 151 s vs 183 s), from which RL did not improve in two runs (greedy 0.61 -> 0.02 and 0.61 ->
-0.58), while the RL phase alone on oneDNN from the default warm-up's model learned as usual (0.58 ->
-0.88). A recipe that learns only from some warm-ups is the thing to fix before this can be the default.
+is `torch` (F.linear): with oneDNN the quickstart's warm-up, the same arithmetic summed in another
+order, ended at a model from which RL did not improve (README, Benchmarks, `benchmarks/gemm.py`).
 Does not own: the model (modeling.py), which calls `linear` for its bias-free projections.
 """
 
@@ -38,17 +36,25 @@ import os
 import torch
 import torch.nn.functional as F
 
-# read by oneDNN when it builds its first kernel cache; a user's own setting wins
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "4096")
-
 MIN_MACS = 1 << 21  # M * K * N below this: F.linear (MKL) is as fast or faster (oneDNN's fixed cost)
 MIN_MACS_GRAD = 1 << 22  # the same with autograd (three GEMMs, and the Function's own cost)
 _BACKEND = os.environ.get("AGENTRL_CPU_GEMM", "torch")
 if _BACKEND not in ("onednn", "torch"):
     raise ValueError(f"AGENTRL_CPU_GEMM={_BACKEND!r}: use 'torch' (default) or 'onednn'")
-_op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-AVAILABLE = _op is not None  # this torch build has oneDNN's linear op
-ENABLED = _BACKEND == "onednn" and AVAILABLE
+_op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+AVAILABLE = _op is not None and torch.backends.mkldnn.is_available()  # this torch build has oneDNN's linear op
+ENABLED = False
+
+
+def enable(on: bool = True) -> None:
+    """Turn the path on or off in this process (`AGENTRL_CPU_GEMM` does it at import)."""
+    global ENABLED
+    ENABLED = on and AVAILABLE
+    if ENABLED:  # oneDNN reads it when it builds its kernel cache (on first use); a user's own setting wins
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "4096")
+
+
+enable(_BACKEND == "onednn")
 
 
 def bucket(m: int) -> int:
@@ -119,11 +125,12 @@ def use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `linear(x, w)` runs on oneDNN (see the module docstring for the rule)."""
     return (ENABLED and x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
             and w.device.type == "cpu" and w.dim() == 2 and x.shape[-1] == w.shape[1]
-            and not torch.is_autocast_enabled("cpu") and x.numel() * w.shape[0] >= _min_macs(x, w))
+            and not torch.is_autocast_enabled("cpu")
+            and x.numel() * w.shape[0] >= (MIN_MACS_GRAD if _needs_grad(x, w) else MIN_MACS))
 
 
-def _min_macs(x: torch.Tensor, w: torch.Tensor) -> int:
-    return MIN_MACS_GRAD if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad) else MIN_MACS
+def _needs_grad(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -131,6 +138,5 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if not use_onednn(x, w):
         return F.linear(x, w)
     x2 = x.reshape(-1, x.shape[-1])
-    grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    y = _Linear.apply(x2, w) if grad else _forward(x2, w)
+    y = _Linear.apply(x2, w) if _needs_grad(x, w) else _forward(x2, w)
     return y.view(*x.shape[:-1], w.shape[0])
