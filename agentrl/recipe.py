@@ -128,7 +128,11 @@ class WarmupSpec(_Spec):
     steps: int = Field(ge=0, description="optimizer steps of supervised warm-up")
     demos: int = Field(2048, ge=1, description="number of scripted demonstration episodes to train on")
     batch_size: int = Field(32, ge=1, description="demonstrations per optimizer step")
-    lr: float = Field(3e-3, gt=0, description="warm-up learning rate")
+    lr: float = Field(3e-3, gt=0, description="warm-up learning rate (the peak, on a schedule)")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="learning-rate schedule: constant, or a cosine / linear decay to 0 at the last step")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warm-up before the schedule")
+    grad_clip: float = Field(0.0, ge=0, description="max global gradient norm (0 = no clipping)")
 
 
 # --------------------------------------------------------------------------------------- engine

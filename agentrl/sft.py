@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from agentrl.engine.types import GenerateOutput, GenerateRequest, SamplingParams
 from agentrl.learner.batch import build_batch, sequence_tensor, target_logprobs
+from agentrl.learner.learner import lr_lambda
 from agentrl.rollout import run_episode
 from agentrl.trajectory import Trajectory
 
@@ -55,11 +56,14 @@ def collect_demos(make_env: Callable[[], object], tokenizer, seeds, max_total_to
 
 
 def warm_up(model, demos: list[Trajectory], steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
-            progress: bool = True) -> list[float]:
-    """Behaviour cloning on the demos' loss-masked tokens (AdamW, packed batches, fp32).
-    Returns the loss per step."""
+            progress: bool = True, lr_schedule: str = "constant", warmup_steps: int = 0,
+            grad_clip: float = 0.0) -> list[float]:
+    """Behaviour cloning on the demos' loss-masked tokens (AdamW, packed batches, fp32), at `lr` on the
+    schedule `lr_schedule` over `steps` (see agentrl.learner.learner.lr_lambda), the global gradient
+    norm clipped to `grad_clip` (0 = off). Returns the loss per step."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(lr_schedule, warmup_steps, steps))
     model.train()
     losses = []
     for _ in tqdm(range(steps), desc="warm-up", disable=None if progress else True, leave=False):
@@ -71,7 +75,10 @@ def warm_up(model, demos: list[Trajectory], steps: int, batch_size: int = 32, lr
         loss = -(logp * mask).sum() / mask.sum().clamp_min(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
+        sched.step()
         losses.append(float(loss.detach()))
     model.eval()
     return losses

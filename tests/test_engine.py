@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import random
 
 import numpy as np
 import pytest
@@ -421,3 +422,56 @@ def test_one_step_of_any_segment_layout_equals_the_full_forward(ckpt, layout):
         assert (rows[n:n + len(seg.ids)].numpy().astype(np.int64) == new).all()
         n += len(seg.ids)
     assert n == rows.shape[0]
+
+
+class _ScanEvictCache(RadixCache):
+    """Reference eviction by brute force: list every unlocked leaf, take the least recently used, repeat."""
+
+    def evict(self, num_tokens):
+        released = []
+        while len(released) < num_tokens:
+            leaves = [n for n in self._nodes() if n is not self.root and not n.children and n.lock == 0]
+            if not leaves:
+                break
+            leaf = min(leaves, key=lambda n: n.last_access)
+            del leaf.parent.children[leaf.key[0]]
+            released.extend(leaf.slots)
+            self.num_tokens -= len(leaf.key)
+        return released
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_radix_eviction_is_lru_like_a_full_scan(seed):
+    """Random inserts, matches, locks and evictions on the cache and on a brute-force reference: the same
+    slots are released in the same order, and every slot is held by exactly one of tree and released."""
+    rng = random.Random(seed)
+    trees = [RadixCache(), _ScanEvictCache()]
+    locks: list[list] = []  # per lock: the node in each tree
+    next_slot, held = 0, set()
+    for _ in range(600):
+        op = rng.random()
+        ids = [rng.randrange(3) for _ in range(rng.randrange(1, 9))]  # 3 symbols: many shared prefixes
+        if op < 0.4:
+            slots = list(range(next_slot, next_slot + len(ids)))
+            next_slot += len(ids)
+            adopted = [t.insert(ids, slots) for t in trees]
+            assert adopted[0] == adopted[1]
+            held |= set(adopted[0])
+        elif op < 0.6:
+            got = [t.match(ids) for t in trees]
+            assert got[0][0] == got[1][0]
+            if rng.random() < 0.5:
+                for t, (_, node) in zip(trees, got):
+                    t.lock(node)
+                locks.append([node for _, node in got])
+        elif op < 0.75 and locks:
+            for t, node in zip(trees, locks.pop(rng.randrange(len(locks)))):
+                t.unlock(node)
+        else:
+            want = rng.randrange(1, 12)
+            out = [t.evict(want) for t in trees]
+            assert out[0] == out[1]
+            assert set(out[0]) <= held
+            held -= set(out[0])
+        assert trees[0].num_tokens == trees[1].num_tokens == len(held)
+    assert sorted(trees[0].flush()) == sorted(held)

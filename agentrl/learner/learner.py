@@ -103,14 +103,19 @@ def _rows_into(n: int, width: int, *parts: tuple[list[int], torch.Tensor]) -> to
     return out
 
 
-def _lr_lambda(cfg: LearnerConfig):
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    """LR multiplier per optimizer step (for `LambdaLR`): linear warm-up over `warmup_steps`, then
+    constant, or a cosine / linear decay to 0 at `total_steps`."""
+    if schedule not in ("constant", "cosine", "linear"):
+        raise ValueError(f"unknown lr schedule {schedule!r}: constant, cosine or linear")
+
     def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
-        if cfg.lr_schedule == "cosine":
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * frac))
-        if cfg.lr_schedule == "linear":
+        if schedule == "linear":
             return 1.0 - frac
         return 1.0
     return f
@@ -157,7 +162,8 @@ class TorchLearner:
         # fused: one kernel over all parameters (CPU and CUDA) instead of ~10 ops per parameter tensor
         self.opt = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, betas=self.cfg.betas,
                                      weight_decay=self.cfg.weight_decay, fused=True)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.cfg))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(self.cfg.lr_schedule, self.cfg.warmup_steps, self.cfg.total_steps))
         self.ema = ({k: v.detach().clone() for k, v in model.state_dict().items()}
                     if self.cfg.ema_decay is not None else None)
         self.version = 0

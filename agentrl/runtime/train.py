@@ -61,9 +61,12 @@ def prepare_model(recipe: Recipe, run: Path, log=print) -> str:
                           max_total_tokens=recipe.rollout.max_total_tokens)
     model = load_pretrained(start)
     t0 = time.perf_counter()
-    losses = warm_up(model, demos, w.steps, batch_size=w.batch_size, lr=w.lr, seed=recipe.seed)
-    log(f"warm-up: {w.steps} steps on {len(demos)} demos in {time.perf_counter() - t0:.0f}s, "
-        f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    losses = warm_up(model, demos, w.steps, batch_size=w.batch_size, lr=w.lr, seed=recipe.seed,
+                     lr_schedule=w.lr_schedule, warmup_steps=w.warmup_steps, grad_clip=w.grad_clip)
+    if losses:
+        tail = losses[-50:]
+        log(f"warm-up: {w.steps} steps on {len(demos)} demos in {time.perf_counter() - t0:.0f}s, "
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f} (mean of the last {len(tail)}: {sum(tail) / len(tail):.3f})")
     save_pretrained(model, warm, tokenizer=tok)
     return str(warm)
 

@@ -23,7 +23,7 @@ import contextlib
 import torch
 
 from agentrl.learner.batch import ModelBatch, target_logprobs
-from agentrl.learner.learner import LearnerConfig, TorchLearner, _lr_lambda
+from agentrl.learner.learner import LearnerConfig, TorchLearner, lr_lambda
 from agentrl.learner.mcore.model import McoreCausalLM, McoreParallel
 from agentrl.model.modeling import MoEForCausalLM
 from agentrl.routing import RoutingLayout
@@ -59,7 +59,8 @@ class MegatronLearner(TorchLearner):
         self.layout = RoutingLayout.from_config(model.config) if self.hook is not None else None
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, betas=self.cfg.betas,
                                      weight_decay=self.cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.cfg))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(self.cfg.lr_schedule, self.cfg.warmup_steps, self.cfg.total_steps))
         self.ema = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
                     if self.cfg.ema_decay is not None else None)
         self.version = 0
