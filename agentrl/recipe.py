@@ -230,6 +230,8 @@ _LEARNER_DOCS: dict[str, str] = {
                     "same log-probs and gradients, fewer tokens (off under the megatron-core backend)",
     "share_prefix_row_factor": "with shared prefixes and pack_row_tokens null, rows may be this many times the "
                                "longest sequence wide (a prefix + several suffixes; attention is O(width^2))",
+    "share_prefix_row_cap": "... but at most this many tokens wide (or the longest sequence, if longer): every "
+                            "token attends over its whole row, so wide rows only pay for short suffixes",
     "dtype": "learner compute dtype (bfloat16 = autocast with fp32 master weights)",
     "replay": "routing replay: off (free routing), R2 (replay the learner's own old-policy routing), R3 "
               "(replay the engine's routing rows)",
@@ -257,7 +259,7 @@ _LEARNER_TYPES: dict[str, Any] = {"agg": Literal[AGG_MODES], "correction": Liter
 _LEARNER_BOUNDS: dict[str, dict[str, float]] = {
     "lr": {"gt": 0}, "weight_decay": {"ge": 0}, "grad_clip": {"ge": 0}, "warmup_steps": {"ge": 0},
     "total_steps": {"ge": 1}, "mini_batches": {"ge": 1}, "micro_batch_tokens": {"ge": 1},
-    "pack_row_tokens": {"ge": 1}, "share_prefix_row_factor": {"ge": 1}, "clip_low": {"ge": 0}, "clip_high": {"ge": 0}, "dual_clip": {"gt": 1},
+    "pack_row_tokens": {"ge": 1}, "share_prefix_row_factor": {"ge": 1}, "share_prefix_row_cap": {"ge": 1}, "clip_low": {"ge": 0}, "clip_high": {"ge": 0}, "dual_clip": {"gt": 1},
     "gspo_clip_low": {"ge": 0}, "gspo_clip_high": {"ge": 0}, "agg_constant": {"gt": 0}, "kl_coef": {"ge": 0},
     "aux_loss_coef": {"ge": 0}, "ema_decay": {"ge": 0, "lt": 1},
 }

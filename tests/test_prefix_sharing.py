@@ -188,7 +188,8 @@ def learner64(model, **kw):
 @pytest.mark.parametrize("kw", [dict(replay="R3", correction="tis"),
                                 dict(replay="R2", mini_batches=2, micro_batch_tokens=90, entropy_coef=0.01),
                                 dict(replay="off", loss="gspo", fuse_old_pass=False),
-                                dict(replay="R3", aux_loss_coef=0.1)])
+                                dict(replay="R3", aux_loss_coef=0.1),
+                                dict(replay="R3", share_prefix_row_cap=45)])  # rows 45 wide, not 4 x 30
 def test_train_step_with_and_without_sharing_agree(kw):
     model, trajs = MoEForCausalLM(CFG).init_weights(0), trajectories()
     on, off = learner64(model, share_prefix=True, **kw), learner64(model, share_prefix=False, **kw)
@@ -356,3 +357,15 @@ def test_a_batch_without_any_gradient_runs_no_backward_and_steps_like_the_full_o
     for (n, p), q in zip(skip.model.named_parameters(), full.model.parameters()):
         assert p.grad is not None and not p.grad.any(), n
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=n)
+
+
+def test_shared_rows_widen_for_short_samples_only():
+    """Shared-prefix rows are `share_prefix_row_factor` x the longest sample wide, capped at
+    `share_prefix_row_cap` unless a sample is longer: each token attends over its whole row."""
+    lrn = TorchLearner(MoEForCausalLM(CFG).init_weights(0), LearnerConfig(share_prefix_row_factor=4,
+                                                                          share_prefix_row_cap=512))
+    assert lrn._row_tokens([100, 60], [0, 1], shares=True) == 400
+    assert lrn._row_tokens([200, 60], [0, 1], shares=True) == 512
+    assert lrn._row_tokens([700, 60], [0, 1], shares=True) == 700
+    assert lrn._row_tokens([700, 60], [0, 1], shares=False) == 700
+    assert lrn._row_tokens([100, 60], [1], shares=False) == 60

@@ -72,6 +72,7 @@ class LearnerConfig:
     # times `share_prefix_row_factor` when prefixes are shared (a row then holds a prefix + several suffixes)
     share_prefix: bool = True  # packed layout, agentrl's model: a group's common prefix is computed once per row
     share_prefix_row_factor: int = 4
+    share_prefix_row_cap: int = 512  # ... but no wider than this (or the longest sequence, if longer)
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 = autocast, fp32 master weights
     replay: Literal["off", "R2", "R3"] = "R3"
     advantage: Literal["grpo", "grpo_nostd", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
@@ -375,7 +376,13 @@ class TorchLearner:
     def _row_tokens(self, lens: list[int], mb: list[int], shares: bool = False) -> int:
         if self.cfg.pack_row_tokens:
             return self.cfg.pack_row_tokens
-        return max(lens[i] for i in mb) * (self.cfg.share_prefix_row_factor if shares else 1)
+        longest = max(lens[i] for i in mb)
+        if not shares:
+            return longest
+        # a token attends over its whole row (dense mask, no varlen kernel on CPU), so a token's cost grows
+        # with the width: wide rows pay off for short samples of a shared prompt, not for long samples
+        # (benchmarks/learner.py --grpo --prompt 70 --max-new 600: 0.5x unshared at 4x the width, 1.0x capped)
+        return max(longest, min(longest * self.cfg.share_prefix_row_factor, self.cfg.share_prefix_row_cap))
 
     @property
     def _share_prefix(self) -> bool:
