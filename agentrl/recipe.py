@@ -259,7 +259,8 @@ _LEARNER_TYPES: dict[str, Any] = {"agg": Literal[AGG_MODES], "correction": Liter
 _LEARNER_BOUNDS: dict[str, dict[str, float]] = {
     "lr": {"gt": 0}, "weight_decay": {"ge": 0}, "grad_clip": {"ge": 0}, "warmup_steps": {"ge": 0},
     "total_steps": {"ge": 1}, "mini_batches": {"ge": 1}, "micro_batch_tokens": {"ge": 1},
-    "pack_row_tokens": {"ge": 1}, "share_prefix_row_factor": {"ge": 1}, "share_prefix_row_cap": {"ge": 1}, "clip_low": {"ge": 0}, "clip_high": {"ge": 0}, "dual_clip": {"gt": 1},
+    "pack_row_tokens": {"ge": 1}, "share_prefix_row_factor": {"ge": 1}, "share_prefix_row_cap": {"ge": 1},
+    "clip_low": {"ge": 0}, "clip_high": {"ge": 0}, "dual_clip": {"gt": 1},
     "gspo_clip_low": {"ge": 0}, "gspo_clip_high": {"ge": 0}, "agg_constant": {"gt": 0}, "kl_coef": {"ge": 0},
     "aux_loss_coef": {"ge": 0}, "ema_decay": {"ge": 0, "lt": 1},
 }

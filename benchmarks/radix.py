@@ -12,6 +12,7 @@ unlocks it, on a tree already holding `n` cached conversations.
 from __future__ import annotations
 
 import argparse
+import bisect
 import random
 import sys
 import time
@@ -23,18 +24,21 @@ from agentrl.engine.radix import RadixCache  # noqa: E402
 
 
 class ScanEvictCache(RadixCache):
-    """The baseline: every eviction lists and sorts all unlocked leaves of the tree."""
+    """The baseline (the previous `RadixCache.evict`): every eviction lists and sorts all unlocked leaves of
+    the tree; a parent left without children joins that list in order."""
 
     def evict(self, num_tokens: int) -> list[int]:
         released: list[int] = []
         leaves = sorted((n for n in self._nodes() if n is not self.root and not n.children and n.lock == 0),
                         key=lambda n: n.last_access)
-        for leaf in leaves:
-            if len(released) >= num_tokens:
-                break
-            del leaf.parent.children[leaf.key[0]]
+        while leaves and len(released) < num_tokens:
+            leaf = leaves.pop(0)
+            parent = leaf.parent
+            del parent.children[leaf.key[0]]
             released.extend(leaf.slots)
             self.num_tokens -= len(leaf.key)
+            if parent is not self.root and not parent.children and parent.lock == 0:
+                bisect.insort(leaves, parent, key=lambda n: n.last_access)
         return released
 
 
