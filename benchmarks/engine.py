@@ -111,12 +111,14 @@ def bench_hf(ckpt, eps, device: str = "cpu", dtype: torch.dtype = torch.float32,
     return new / (time.perf_counter() - t0)
 
 
-def bench_ours(ckpt, eps, device: str = "cpu", dtype: str = "float32") -> float:
-    """The engine on its default one intra-op thread (more threads contend with its asyncio thread)."""
+def bench_ours(ckpt, eps, device: str = "cpu", dtype: str = "float32") -> tuple[float, float]:
+    """The engine on its default one intra-op thread (more threads contend with its asyncio thread).
+    Returns (new tokens/s, new tokens per second of model forward): the second is what the engine would
+    reach if scheduling, sampling and the episodes' own code cost nothing, a bound on any such gain."""
     with Engine.from_pretrained(ckpt, dtype=dtype, device=device) as eng:
         t0 = time.perf_counter()
         n = asyncio.run(run_multiturn(eng.generate, eps, routed=True))
-        return n / (time.perf_counter() - t0)
+        return n / (time.perf_counter() - t0), n / eng.counters["forward_s"]
 
 
 def bench_sglang(ckpt, work: dict[str, list[Episode]]) -> dict[str, float] | None:
@@ -172,11 +174,14 @@ def main() -> None:
         cap = bench_capture(ckpt, work[profiles[0]], args.rounds, args.device)
         hf = {(p, e): [] for p in profiles for e in experts}
         ours: dict[str, list[float]] = {p: [] for p in profiles}
+        bound: dict[str, list[float]] = {p: [] for p in profiles}
         for _ in range(args.repeats):
             for p, eps in work.items():
                 for e in experts:
                     hf[p, e].append(bench_hf(ckpt, eps, args.device, DTYPES[dtype], e))
-                ours[p].append(bench_ours(ckpt, eps, args.device, dtype))
+                tps, fwd = bench_ours(ckpt, eps, args.device, dtype)
+                ours[p].append(tps)
+                bound[p].append(fwd)
         sgl = None if args.no_sglang or args.device != "cpu" else bench_sglang(ckpt, work)
     where = "cpu, %d threads" % torch.get_num_threads() if args.device == "cpu" else torch.cuda.get_device_name()
     print(f"workload: {args.episodes} episodes x {args.turns} turns, +{args.env_tokens} env tokens and "
@@ -195,6 +200,11 @@ def main() -> None:
             tag = " (baseline)" if e == best else ""
             print(f"{f'  transformers generate {dtype}, {e}{tag}':<56}{med[e]:>14.0f}{med[e] / base:>10.2f}")
         print(f"{f'  engine {dtype}, rows on':<56}{mine:>14.0f}{mine / base:>10.2f}")
+        fwd = statistics.median(bound[p])
+        print(f"{f'  engine, model forward time only (bound)':<56}{fwd:>14.0f}{fwd / base:>10.2f}")
+        share = statistics.median(o / b for o, b in zip(ours[p], bound[p]))
+        print(f"    the model forward took {100 * share:.0f}% of the engine's run: with scheduling, sampling "
+              f"and the episodes' code free, the engine would be at most {fwd / base:.2f}x")
         print(f"    medians of {args.repeats} alternating runs; engine: {[round(x) for x in ours[p]]}, "
               f"transformers: {[round(x) for x in hf[p, best]]}; goal >= 3x")
         if sgl is not None:

@@ -124,9 +124,10 @@ def sglang(tmp_path_factory):
         print(f"\n[sglang] server up in {t_up - t0:.1f} s (args: {server.command()[2:]})")
         yield Sglang(server, ckpt, layout, prompts)
     finally:
-        server.stop()
+        log = server.log_path
+        server.stop()  # removes its temp log after a normal stop, keeps it otherwise
         t_end = time.monotonic()
-        print(f"\n[sglang] module total {t_end - t0:.1f} s (server log: {server.log_path})")
+        print(f"\n[sglang] module total {t_end - t0:.1f} s (server log: {server.log_path or f'{log}, removed'})")
 
 
 def test_generate_returns_routed_experts(sglang):

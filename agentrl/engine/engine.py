@@ -123,7 +123,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.counters = dict(prefilled_tokens=0, decoded_tokens=0, cached_tokens=0, steps=0, finished=0,
-                             aborted=0, evicted_tokens=0, deferred=0)
+                             aborted=0, evicted_tokens=0, deferred=0,
+                             forward_s=0.0)  # seconds in the model forward (the rest is scheduling and sampling)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: str = "bfloat16", **kw) -> Engine:
@@ -373,7 +374,9 @@ class Engine:
         return segs, owners
 
     def _step(self, segs: list[Segment], owners: list[_Req]) -> None:
+        t0 = time.perf_counter()
         logits, rows, new_slots = paged_forward(self.model, self.pool, segs, self.cfg.capture_routing, self._weights)
+        self.counters["forward_s"] += time.perf_counter() - t0
         self.pool.write_rows(new_slots, rows, self.version)
         self.counters["steps"] += 1
         sampled = [r for seg, r in zip(segs, owners) if seg.want_logits]

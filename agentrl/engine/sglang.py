@@ -15,12 +15,17 @@ verbatim in `extra_args` rather than wrapped one by one.
         client = EngineClient(srv.base_url)
 
 The server leaves child processes (scheduler, detokenizer), so it is always started with
-``start_new_session=True`` and stopped by signalling its process group.
+``start_new_session=True`` and stopped by signalling its process group. It also leaves files behind:
+SGLang names its ZMQ IPC sockets with `tempfile` (files in $TMPDIR that a killed server never removes),
+so each server gets a private $TMPDIR, deleted when it stops. The log file the launcher creates
+(when `log_path` is not given) is deleted after a normal stop and kept, its path in the error, when the
+server failed to start or had already exited.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -48,7 +53,7 @@ class SGLangServerConfig:
     extra_args: list[str] = field(default_factory=list)  # passed verbatim to sglang.launch_server
     env: dict[str, str] = field(default_factory=dict)  # added to os.environ for the server
     startup_timeout: float = 600.0  # seconds until /health_generate must answer 200
-    log_path: str | None = None  # server stdout+stderr; default: a temp file
+    log_path: str | None = None  # server stdout+stderr; default: a temp file (removed after a normal stop)
     launcher: list[str] | None = None  # replaces `python -m sglang.launch_server` (e.g. shared/sglang-cpu/launch.sh)
 
 
@@ -60,6 +65,9 @@ class SGLangServer:
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
         self._log = None
+        self._own_log = False  # the log is a temp file of ours (deleted after a normal stop)
+        self._tmpdir: str | None = None  # the server's private $TMPDIR (deleted on stop)
+        self._ready = False
 
     @property
     def base_url(self) -> str:
@@ -83,13 +91,19 @@ class SGLangServer:
             fd, name = tempfile.mkstemp(prefix=f"sglang-{self.cfg.port}-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
+        self._own_log, self._ready = not self.cfg.log_path, False
+        env = {**os.environ, **self.cfg.env}
+        if "TMPDIR" not in self.cfg.env:  # a TMPDIR the caller chose is theirs to clean
+            self._tmpdir = tempfile.mkdtemp(prefix=f"agentrl-sglang-{self.cfg.port}-")
+            env["TMPDIR"] = self._tmpdir
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.cfg.env}, start_new_session=True,
+            env=env, start_new_session=True,
         )
         try:
             self.wait_ready()
+            self._ready = True
         except BaseException:
             self.stop()
             raise
@@ -123,8 +137,10 @@ class SGLangServer:
             time.sleep(1.0)
 
     def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM the process group, SIGKILL it after `grace` seconds; safe to call twice."""
+        """SIGTERM the process group, SIGKILL it after `grace` seconds; safe to call twice. Removes the
+        server's private $TMPDIR, and the launcher's temp log unless the server failed or had exited."""
         proc, self.proc = self.proc, None
+        healthy = proc is not None and self._ready and proc.poll() is None  # running until now: a normal stop
         if proc is not None:
             try:
                 pgid = os.getpgid(proc.pid)
@@ -145,6 +161,12 @@ class SGLangServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+        if healthy and self._own_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+            self.log_path = None
 
     def log_tail(self, n: int = 60) -> str:
         if self.log_path is None or not self.log_path.exists():
