@@ -2,7 +2,7 @@
 machine, in one run.
 
     pip install -e ".[bench]"        # the baseline, trl 1.16.0 (not an agentrl dependency)
-    python benchmarks/vs_trl.py [--steps 30] [--warmup-steps 200]
+    python benchmarks/vs_trl.py [--steps 30] [--warmup-steps 200] [--rounds 3]
 
 Setup shared by all rows: a tiny-moe checkpoint built here and warmed up briefly on the single-turn
 arith-v0 task (so rewards are mixed and advantages non-zero), 8 prompts x 8 samples per update,
@@ -10,7 +10,10 @@ completions of at most 16 tokens at temperature 1, one AdamW step per update, fp
 reference model (beta 0), no gradient checkpointing. TRL generates with transformers `generate`
 (its default without vLLM; the MoE experts run the eager path, which is 9x faster than grouped_mm on
 this CPU); agentrl generates with its embedded engine (fp32 like TRL, routing rows captured) and trains with R3.
-Updates/s is measured between update ends, the first two updates excluded (start-up).
+Updates/s is measured between update ends, the first two updates excluded (start-up). The three runs
+are repeated `--rounds` times in alternating order (TRL first, then last), and the ratios reported are
+the medians of the rounds' own ratios: this shared 2-core box drifts by +-20% within minutes, which a
+single run of each cannot tell from a real difference.
 """
 
 from __future__ import annotations
@@ -107,22 +110,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30, help="updates per run (the first two are excluded)")
     ap.add_argument("--warmup-steps", type=int, default=200, help="supervised steps before RL (mixed rewards)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the three runs, in alternating order")
     args = ap.parse_args()
     import ray
 
+    names = ["TRL GRPOTrainer", "agentrl sync", "agentrl async"]
+    res: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         model = prepare(out, args.warmup_steps)
-        res = {"TRL GRPOTrainer": run_trl(model, out, args.steps)}
-        for mode in ("sync", "async"):
-            res[f"agentrl {mode}"] = run_agentrl(model, out, mode, args.steps)
+        for r in range(args.rounds):
+            d = out / f"round{r}"
+            for name in (names if r % 2 == 0 else names[::-1]):
+                if name.startswith("TRL"):
+                    res[name].append(run_trl(model, d, args.steps))
+                else:
+                    res[name].append(run_agentrl(model, d, name.split()[1], args.steps))
         ray.shutdown()
-    base = res["TRL GRPOTrainer"][0]
-    print(f"tiny-moe, arith-v0, {P}x{G} samples per update, <= {MAX_NEW} new tokens, {args.steps} updates")
-    print(f"{'':<18}{'updates/s':>10}{'s/update':>10}{'wall (s)':>10}{'vs TRL':>8}")
-    for name, (ups, wall) in res.items():
-        print(f"{name:<18}{ups:>10.3f}{1 / ups:>10.2f}{wall:>10.1f}{ups / base:>8.2f}")
-    print(f"agentrl async / TRL: {res['agentrl async'][0] / base:.2f}x (goal >= 3x)")
+    base = res[names[0]]
+    print(f"tiny-moe, arith-v0, {P}x{G} samples per update, <= {MAX_NEW} new tokens, {args.steps} updates, "
+          f"{args.rounds} rounds")
+    print(f"{'':<18}{'updates/s (median)':>20}{'vs TRL (median)':>17}   per round: updates/s (vs TRL)")
+    for name in names:
+        ups = [u for u, _ in res[name]]
+        ratios = [u / b for u, (b, _) in zip(ups, base)]
+        rounds = ", ".join(f"{u:.2f} ({q:.2f}x)" for u, q in zip(ups, ratios))
+        print(f"{name:<18}{statistics.median(ups):>20.3f}{statistics.median(ratios):>17.2f}   {rounds}")
+    async_ratio = statistics.median(a / b for (a, _), (b, _) in zip(res["agentrl async"], base))
+    print(f"agentrl async / TRL: {async_ratio:.2f}x, median of {args.rounds} rounds (goal >= 3x)")
 
 
 if __name__ == "__main__":
