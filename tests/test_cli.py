@@ -50,9 +50,12 @@ def test_init_model_checkpoint_loads_in_transformers(tmp_path, name):
 
 
 def test_demo_shows_replay_removing_routing_mismatch(tmp_path):
-    res = run_demo(tmp_path, seed=0, samples=16, new_tokens=12, warmup_steps=40)
+    # `agentrl demo`'s own settings (README). A smaller run (16 x 12 tokens, 40 warm-up steps) has so few
+    # routing flips that bf16 noise decides the KL comparison: on one machine R3 came out 0.06% above free
+    # routing (2.5770e-5 vs 2.5755e-5), on another below it.
+    res = run_demo(tmp_path, seed=0, samples=32, new_tokens=16, warmup_steps=80)
     assert set(res) == {"dense", "moe", "moe_r3"}
-    assert res["moe"]["tokens"] == res["moe_r3"]["tokens"] == 16 * 12
+    assert res["moe"]["tokens"] == res["moe_r3"]["tokens"] == 32 * 16
     # bf16 engine vs fp32 learner: free routing disagrees somewhere, replay uses the engine's experts
     assert res["moe"]["routing_disagree_any"] > 0
     assert res["moe_r3"]["routing_disagree_any"] == 0
