@@ -154,6 +154,9 @@ def test_kill_9_during_training_then_resume(tmp_path):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / first}" in out.stdout
+    # Ray logs this (once per driver process) for a restartable actor whose constructor holds object
+    # references, e.g. actor handles: its restart could fail (ray-project/ray#53727)
+    assert "has constructor arguments in the object store" not in out.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6
     groups = summary["trained_groups"]

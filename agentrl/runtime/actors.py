@@ -176,16 +176,21 @@ class RayEngine:
 
 class RolloutWorkerImpl:
     """Runs agent-loop episodes for the controller: one call = one job (a list of task seeds, each a
-    GRPO group). Holds no state the controller needs back except the results."""
+    GRPO group). Holds no state the controller needs back except the results.
 
-    def __init__(self, model_dir: str, env_id: str, env_kwargs: dict, engines: list, layout,
+    The engines come by actor name, not handle: Ray re-runs a restarted actor's constructor with the
+    arguments it was created with, and handles among them are references it does not keep alive for
+    that (ray-project/ray#53727; Ray logs an error for every such actor). Names are plain strings and
+    find the engines, restarted or not."""
+
+    def __init__(self, model_dir: str, env_id: str, env_kwargs: dict, engine_names: list[str], layout,
                  simulated_tool_latency: float = 0.0) -> None:
         from transformers import AutoTokenizer
 
         from agentrl.env import make
 
         self.tok = AutoTokenizer.from_pretrained(model_dir)
-        self.engines = [RayEngine(e) for e in engines]
+        self.engines = [RayEngine(ray.get_actor(name)) for name in engine_names]
         self.layout = layout
         latency = simulated_tool_latency
 

@@ -126,11 +126,12 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
                            f"engine.num_gpus_per_engine={e.num_gpus_per_engine:g} + {learner_gpus} for the learner "
                            f"(learner.device={recipe.learner.device}) need {need_gpus:g}.")
     tag = f"agentrl:{recipe.name}:{os.getpid()}:{time.time_ns()}"  # actor names: findable, never reused
-    engines = [Engine.options(name=f"{tag}:engine:{i}", num_gpus=e.num_gpus_per_engine).remote(
+    engine_names = [f"{tag}:engine:{i}" for i in range(e.num_engines)]
+    engines = [Engine.options(name=name, num_gpus=e.num_gpus_per_engine).remote(
         model_dir, str(weights_dir), e.backend, e.dtype, e.max_total_tokens, e.chunk_size, e.url, e.sglang_python,
-        e.sglang_args, 30000 + i) for i in range(e.num_engines)]
-    workers = [Worker.options(name=f"{tag}:worker:{i}").remote(
-        model_dir, recipe.env.id, recipe.env.kwargs, engines, layout, ro.simulated_tool_latency)
+        e.sglang_args, 30000 + i) for i, name in enumerate(engine_names)]
+    workers = [Worker.options(name=f"{tag}:worker:{i}").remote(  # engines by name (RolloutWorkerImpl says why)
+        model_dir, recipe.env.id, recipe.env.kwargs, engine_names, layout, ro.simulated_tool_latency)
         for i in range(ro.workers)]
     learner_cfg = recipe.learner.to_learner_config()
     if learner_gpus:  # both backends; Ray picks the GPU
